@@ -1,0 +1,114 @@
+"""Run configuration: one frozen dataclass, validated in one place.
+
+Every entry point (CLI, benchmarks, experiments, notebooks, tests) builds a `TrainConfig` and derives
+variants with `dataclasses.replace`. `validate` raises `ConfigError` with a one-line message naming the
+offending field, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+TRAINERS = ("sync", "layerwise", "pdasgd", "dasgd", "hogwild")
+MODELS = ("mlp", "cnn")
+DATASETS = ("fashion_mnist", "mnist", "synthetic")
+OPTIMIZERS = ("sgd", "adam")
+SCHEDULES = ("constant", "cosine")
+RESIDUAL_MODES = ("stash", "recompute")
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the message is one line and names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run.
+
+    Attributes are grouped: what to train (trainer, model, dataset), how long (epochs, max_steps),
+    the optimiser (optimizer, lr, momentum, nesterov, weight_decay, schedule), the asynchronous
+    schedule (forward_threads, backward_threads, max_inflight, workers, residuals) and the run's
+    plumbing (seed, data_dir, out, eval_every, log_every, watchdog_s, progress, overwrite).
+    """
+
+    trainer: str = "sync"
+    model: str = "cnn"
+    dataset: str = "fashion_mnist"
+    epochs: int = 1
+    max_steps: Optional[int] = None
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    schedule: str = "constant"
+    seed: int = 0
+    data_dir: Optional[str] = None
+    out: Optional[str] = None
+    # Subsample the training split (None: all of it). Handy for quick runs and tests.
+    train_subset: Optional[int] = None
+    # Asynchronous trainers.
+    forward_threads: int = 1
+    backward_threads: int = 2
+    # Items a forward worker may run ahead of the oldest unfinished backward (0: wait for each).
+    max_inflight: int = 4
+    workers: int = 2
+    residuals: str = "stash"
+    # Plumbing.
+    eval_every: int = 1
+    log_every: int = 20
+    eval_batch_size: int = 1000
+    watchdog_s: float = 120.0
+    progress: bool = True
+    overwrite: bool = False
+
+    @property
+    def uses_threads(self) -> bool:
+        return self.trainer in ("pdasgd", "dasgd", "hogwild")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, f"--{name.replace('_', '-')}: unknown value {value!r}; "
+             f"choose one of {', '.join(choices)}")
+
+
+def validate(config: TrainConfig) -> TrainConfig:
+    """Checks every field; returns the config unchanged or raises `ConfigError`."""
+    _choice("trainer", config.trainer, TRAINERS)
+    _choice("model", config.model, MODELS)
+    _choice("dataset", config.dataset, DATASETS)
+    _choice("optimizer", config.optimizer, OPTIMIZERS)
+    _choice("schedule", config.schedule, SCHEDULES)
+    _choice("residuals", config.residuals, RESIDUAL_MODES)
+    _require(config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}")
+    _require(config.max_steps is None or config.max_steps >= 1,
+             f"--max-steps must be >= 1, got {config.max_steps}")
+    _require(config.batch_size >= 1, f"--batch-size must be >= 1, got {config.batch_size}")
+    _require(math.isfinite(config.lr) and config.lr > 0, f"--lr must be a finite number > 0, got {config.lr}")
+    _require(0.0 <= config.momentum < 1.0, f"--momentum must be in [0, 1), got {config.momentum}")
+    _require(math.isfinite(config.weight_decay) and config.weight_decay >= 0,
+             f"--weight-decay must be >= 0, got {config.weight_decay}")
+    _require(config.train_subset is None or config.train_subset >= 1,
+             f"--train-subset must be >= 1, got {config.train_subset}")
+    _require(config.forward_threads >= 1, f"--forward-threads must be >= 1, got {config.forward_threads}")
+    _require(config.backward_threads >= 1, f"--backward-threads must be >= 1, got {config.backward_threads}")
+    _require(config.forward_threads <= 64 and config.backward_threads <= 64,
+             "--forward-threads and --backward-threads must be <= 64")
+    _require(0 <= config.max_inflight <= 1024, f"--max-inflight must be in [0, 1024], got {config.max_inflight}")
+    _require(1 <= config.workers <= 64, f"--workers must be in [1, 64], got {config.workers}")
+    _require(config.eval_every >= 1, f"--eval-every must be >= 1, got {config.eval_every}")
+    _require(config.log_every >= 1, f"--log-every must be >= 1, got {config.log_every}")
+    _require(config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}")
+    _require(config.watchdog_s > 0, f"--watchdog must be > 0 seconds, got {config.watchdog_s}")
+    return config

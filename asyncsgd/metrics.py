@@ -1,0 +1,198 @@
+"""Telemetry: per-update staleness, progress, throughput, memory, MFU, and the JSONL writer.
+
+Worker threads only ever *append* to lists here (atomic in CPython, no lock); the coordinating thread
+reads what has been appended so far in `Recorder.tick`, converts device scalars to floats (the only
+place a loss is fetched, after the item that produced it has finished), writes `metrics.jsonl` and
+drives the progress bar.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import resource
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+
+class Update(NamedTuple):
+    """One committed update of one stage."""
+
+    stage: int
+    version_read: int     # version of the stage the forward pass (or gradient) used
+    version_commit: int   # version of the stage the update was applied to
+    worker: str
+    t_read: float         # time.perf_counter() at the read
+    t_commit: float       # ... and at the commit
+
+    @property
+    def staleness(self) -> int:
+        return self.version_commit - self.version_read
+
+
+def summarize_staleness(updates: Sequence[Update], stage_names: Sequence[str]) -> dict:
+    """Per stage name: count, mean, p95, max and a histogram {staleness: count}."""
+    by_stage: dict[int, list[int]] = {i: [] for i in range(len(stage_names))}
+    for update in updates:
+        by_stage[update.stage].append(update.staleness)
+    summary = {}
+    for index, name in enumerate(stage_names):
+        values = np.asarray(by_stage[index], dtype=np.int64)
+        if values.size == 0:
+            summary[name] = {"count": 0, "mean": 0.0, "p95": 0.0, "max": 0, "histogram": {}}
+            continue
+        counts = np.bincount(values)
+        summary[name] = {
+            "count": int(values.size),
+            "mean": float(values.mean()),
+            "p95": float(np.percentile(values, 95)),
+            "max": int(values.max()),
+            "histogram": {str(s): int(c) for s, c in enumerate(counts) if c},
+        }
+    return summary
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
+
+
+@functools.lru_cache(maxsize=None)
+def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Best-of-`repeats` f32 matmul throughput (FLOP/s) of the default device: the MFU roof."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda x, y: x @ y)
+    matmul(a, a).block_until_ready()  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        matmul(a, a).block_until_ready()  # blocks: we are timing the device
+        best = min(best, time.perf_counter() - start)
+    return 2.0 * size ** 3 / best
+
+
+class JsonlWriter:
+    """Appends one JSON object per line, flushing each so a killed run keeps what it logged."""
+
+    def __init__(self, path: Optional[str]):
+        self._handle = open(path, "a", encoding="utf-8") if path else None
+
+    def write(self, record: dict) -> None:
+        if self._handle is not None:
+            self._handle.write(json.dumps(record) + "\n")
+            self._handle.flush()
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.close()
+            self._handle = None
+
+
+class Recorder:
+    """Collects what workers report during a run and turns it into logs and a progress bar.
+
+    Args:
+      stage_names: model stage names (staleness is summarised per name).
+      batch_size: examples per training step.
+      total_steps: steps planned (for the progress bar).
+      writer: the metrics.jsonl writer.
+      log_every: write a train record every this many completed steps.
+      progress: show a tqdm bar on stderr.
+    """
+
+    def __init__(self, stage_names: Sequence[str], batch_size: int, total_steps: int,
+                 writer: JsonlWriter, log_every: int = 20, progress: bool = True, desc: str = "train"):
+        self.stage_names = tuple(stage_names)
+        self.batch_size = batch_size
+        self.writer = writer
+        self.log_every = log_every
+        self.updates: list[Update] = []
+        self._done: list[tuple[int, Any]] = []   # (seq, loss device scalar), appended by workers
+        self._cursor = 0
+        self.steps = 0
+        self.losses: list[float] = []
+        self._window: list[float] = []
+        self.queue_depth: Optional[Callable[[], int]] = None
+        self.epoch = 0
+        self.train_time_s = 0.0
+        self._epoch_start: Optional[float] = None
+        self._bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            self._bar = tqdm(total=total_steps, desc=desc, unit="step", dynamic_ncols=True,
+                             mininterval=0.5, file=sys.stderr)
+
+    # -- called by workers (append only) ---------------------------------------------------------
+    def item_done(self, seq: int, loss: Any) -> None:
+        """A training step's gradients have been fully applied."""
+        self._done.append((seq, loss))
+
+    def record_update(self, update: Update) -> None:
+        self.updates.append(update)
+
+    # -- called by the coordinator ---------------------------------------------------------------
+    @property
+    def samples(self) -> int:
+        return self.steps * self.batch_size
+
+    def wall_time_s(self) -> float:
+        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        return self.train_time_s + running
+
+    def start_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self._epoch_start = time.perf_counter()
+
+    def end_epoch(self) -> None:
+        self.tick()
+        self.train_time_s = self.wall_time_s()
+        self._epoch_start = None
+
+    def tick(self) -> None:
+        """Consumes newly finished steps: losses, progress bar, periodic train records."""
+        end = len(self._done)
+        for seq, loss in self._done[self._cursor:end]:
+            value = float(loss)  # the item finished, so this does not wait on the device
+            self.losses.append(value)
+            self._window.append(value)
+            self.steps += 1
+            if self.steps % self.log_every == 0:
+                self._log_train()
+        advanced = end - self._cursor
+        self._cursor = end
+        if self._bar is not None and advanced:
+            wall = max(self.wall_time_s(), 1e-9)
+            self._bar.update(advanced)
+            self._bar.set_postfix(loss=f"{self.losses[-1]:.4f}", samples_s=f"{self.samples / wall:.0f}",
+                                  refresh=False)
+
+    def _log_train(self) -> None:
+        wall = self.wall_time_s()
+        record = {"event": "train", "epoch": self.epoch, "step": self.steps, "samples": self.samples,
+                  "wall_time_s": round(wall, 4), "loss": float(np.mean(self._window)),
+                  "samples_per_s": self.samples / wall if wall > 0 else 0.0}
+        if self.queue_depth is not None:
+            record["queue_depth"] = self.queue_depth()
+        self.writer.write(record)
+        self._window = []
+
+    def log(self, record: dict) -> None:
+        self.writer.write(record)
+
+    def train_loss(self, last: int = 50) -> float:
+        return float(np.mean(self.losses[-last:])) if self.losses else float("nan")
+
+    def staleness(self) -> dict:
+        return summarize_staleness(self.updates, self.stage_names)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,209 @@
+"""`train(config)`: one training run end to end, the function every entry point calls.
+
+Builds the data, model, compiled units and store; runs the trainer epoch by epoch (its threads live
+only inside each epoch); evaluates on the test split between epochs (excluded from `wall_time_s`);
+writes `config.json`, `metrics.jsonl`, `updates.csv` and `summary.json` into `config.out`.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from asyncsgd.config import ConfigError, TrainConfig, validate
+from asyncsgd.data import Dataset, eval_batches, load_dataset, steps_per_epoch
+from asyncsgd.metrics import JsonlWriter, Recorder, measure_peak_flops, peak_rss_mb
+from asyncsgd.models import get_model
+from asyncsgd.optim import make_optimizer
+from asyncsgd.store import ParamStore
+from asyncsgd.trainers import EpochPlan, Session, get_trainer, staleness_bound
+from asyncsgd.units import Units, tree_nbytes
+
+
+class OutputExists(ConfigError):
+    """The output directory already holds a finished run."""
+
+
+def prepare_dataset(config: TrainConfig, dataset: Optional[Dataset] = None) -> Dataset:
+    """Loads (unless given), subsets and normalises the dataset; checks the batch fits."""
+    if dataset is None:
+        dataset = load_dataset(config.dataset, config.data_dir)
+    dataset = dataset.subset(config.train_subset).normalized()
+    if config.batch_size > len(dataset.train_y):
+        raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set "
+                          f"({len(dataset.train_y)} examples)")
+    return dataset
+
+
+def prepare_out_dir(config: TrainConfig) -> Optional[str]:
+    """Creates the output directory; refuses to overwrite a finished run unless `overwrite`."""
+    if config.out is None:
+        return None
+    summary = os.path.join(config.out, "summary.json")
+    if _finished(summary) and not config.overwrite:
+        raise OutputExists(f"--out {config.out} already holds a finished run (summary.json); "
+                           "pass --overwrite or choose another directory")
+    if os.path.exists(config.out) and not os.path.isdir(config.out):
+        raise ConfigError(f"--out {config.out} exists and is not a directory")
+    os.makedirs(config.out, exist_ok=True)
+    for name in ("metrics.jsonl", "updates.csv", "summary.json"):
+        path = os.path.join(config.out, name)
+        if os.path.exists(path):
+            os.remove(path)
+    _write_json(os.path.join(config.out, "config.json"), config.to_dict())
+    return config.out
+
+
+def _finished(summary_path: str) -> bool:
+    try:
+        with open(summary_path, encoding="utf-8") as handle:
+            return json.load(handle).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def _write_json(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+    os.replace(tmp, path)
+
+
+def evaluate(units: Units, params: list, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
+    """Test loss and accuracy of `params` over the whole split (padded last batch masked out)."""
+    loss_sum, correct = jnp.zeros(()), jnp.zeros(())
+    for xb, yb, mask in eval_batches(x, y, batch_size):
+        batch_loss, batch_correct = units.evaluate(params, xb, yb, mask)
+        loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
+    count = len(y)
+    return float(loss_sum) / count, float(correct) / count  # blocks: reads the result
+
+
+def _write_updates(path: str, recorder: Recorder) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["stage", "version_read", "version_commit", "staleness", "worker", "t_read", "t_commit"])
+        for u in recorder.updates:
+            writer.writerow([recorder.stage_names[u.stage], u.version_read, u.version_commit, u.staleness,
+                             u.worker, f"{u.t_read:.6f}", f"{u.t_commit:.6f}"])
+
+
+def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict) -> tuple[Session, int]:
+    """Model, optimiser, compiled units (compiled here, before any thread) and the store.
+
+    Returns:
+      The session and the number of steps the run plans.
+    """
+    model = get_model(config.model, dataset.input_shape, dataset.num_classes)
+    per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
+    total_steps = config.epochs * per_epoch
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    units = Units(model, make_optimizer(config, total_steps), config.residuals)
+    params = model.init(jax.random.PRNGKey(config.seed))
+    opt_states = units.init_opt_states(params)
+    units.warmup(params, opt_states, config.batch_size, config.eval_batch_size)
+    store = ParamStore(model.stage_names, params, opt_states)
+    recorder = Recorder(model.stage_names, config.batch_size, total_steps, **recorder_kwargs)
+    return Session(config, model, units, store, dataset, recorder), total_steps
+
+
+def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
+    """Runs one training run and returns its summary (also written to `config.out/summary.json`).
+
+    Args:
+      config: the run's configuration (validated here).
+      dataset: an already loaded dataset (raw); by default `config.dataset` is loaded.
+    Returns:
+      The summary dict (see README, "Outputs").
+    Raises:
+      ConfigError: invalid configuration or output directory.
+      KeyboardInterrupt: after writing the partial outputs with status "interrupted".
+    """
+    validate(config)
+    dataset = prepare_dataset(config, dataset)
+    out = prepare_out_dir(config)
+    writer = JsonlWriter(os.path.join(out, "metrics.jsonl") if out else None)
+    session, total_steps = build_session(config, dataset, dict(
+        writer=writer, log_every=config.log_every, progress=config.progress, desc=config.trainer))
+    units, store, recorder = session.units, session.store, session.recorder
+    run_epoch = get_trainer(config.trainer)
+    per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
+    flops_per_step = units.step_flops(store.params(), [s.opt_state for s in store.snapshot()], config.batch_size)
+    peak_flops = measure_peak_flops()
+    status, epochs_completed = "failed", 0
+    test_loss = test_accuracy = float("nan")
+    eval_time_s = 0.0
+    try:
+        for epoch in range(config.epochs):
+            remaining = total_steps - epoch * per_epoch
+            if remaining <= 0:
+                break
+            plan = EpochPlan(epoch, epoch * per_epoch, min(per_epoch, remaining))
+            recorder.start_epoch(epoch)
+            run_epoch(session, plan)
+            recorder.end_epoch()
+            epochs_completed = epoch + 1
+            last = epochs_completed == config.epochs or (epoch + 1) * per_epoch >= total_steps
+            if (epoch + 1) % config.eval_every == 0 or last:
+                start = time.perf_counter()
+                test_loss, test_accuracy = evaluate(units, store.params(), dataset.test_x, dataset.test_y,
+                                                    config.eval_batch_size)
+                eval_time_s += time.perf_counter() - start
+                recorder.log({"event": "eval", "epoch": epoch, "step": recorder.steps, "samples": recorder.samples,
+                              "wall_time_s": round(recorder.wall_time_s(), 4), "test_loss": test_loss,
+                              "test_accuracy": test_accuracy, "train_loss": recorder.train_loss()})
+            for name, stats in recorder.staleness().items():
+                recorder.log({"event": "staleness", "epoch": epoch, "stage": name,
+                              **{k: stats[k] for k in ("count", "mean", "p95", "max")}})
+        status = "complete"
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    finally:
+        recorder.close()
+        wall = recorder.wall_time_s()
+        samples_per_s = recorder.samples / wall if wall > 0 else 0.0
+        summary = {
+            "status": status,
+            "trainer": config.trainer,
+            "model": config.model,
+            "dataset": config.dataset,
+            "seed": config.seed,
+            "epochs_completed": epochs_completed,
+            "steps": recorder.steps,
+            "samples": recorder.samples,
+            "wall_time_s": wall,
+            "compile_time_s": units.compile_time_s,
+            "eval_time_s": eval_time_s,
+            "samples_per_s": samples_per_s,
+            "test_accuracy": test_accuracy,
+            "test_loss": test_loss,
+            "train_loss": recorder.train_loss(),
+            "staleness": recorder.staleness(),
+            "staleness_bound": staleness_bound(config.trainer, config.max_inflight, config.workers),
+            "updates_per_stage": dict(zip(session.model.stage_names, store.versions())),
+            "residual_mb_per_item": units.residual_bytes / 2 ** 20,
+            "peak_rss_mb": peak_rss_mb(),
+            "flops_per_step": flops_per_step,
+            "flops_counted_by": "XLA cost analysis of the whole-model sync step",
+            "peak_flops": peak_flops,
+            "mfu": flops_per_step * (samples_per_s / config.batch_size) / peak_flops if peak_flops else 0.0,
+            "max_trace_count": units.max_trace_count(),
+            "jax_version": jax.__version__,
+            "config": dataclasses.asdict(config),
+        }
+        if out:
+            _write_updates(os.path.join(out, "updates.csv"), recorder)
+            _write_json(os.path.join(out, "summary.json"), summary)
+        writer.close()
+    return summary

@@ -1,0 +1,115 @@
+"""ParamStore: the only shared mutable state, and the only place with locks.
+
+One slot per stage holds an immutable `Slot(version, params, opt_state)`. Readers take the slot
+reference (atomic in CPython) and get an immutable snapshot; JAX arrays are immutable, so a reader can
+never see half an update. Writers commit through `commit`, which runs a read-modify-write under that
+stage's lock, so two threads committing to the same stage never lose an update; every commit bumps the
+version by exactly one.
+
+The lock is held only while the update is *dispatched*: the update function returns JAX arrays that
+may still be computing (async dispatch), and a later reader simply waits on them inside XLA. The
+version order therefore equals the order in which the updates are applied to the parameters.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, NamedTuple, Sequence
+
+
+class Slot(NamedTuple):
+    """An immutable snapshot of one stage."""
+
+    version: int
+    params: Any
+    opt_state: Any
+
+
+class Commit(NamedTuple):
+    """What a commit did: the slot it replaced and the slot it installed, plus the update's extra output."""
+
+    before: Slot
+    after: Slot
+    extra: Any
+
+
+class ParamStore:
+    """Versioned per-stage parameter slots.
+
+    Args:
+      names: stage names, in model order.
+      params: initial parameters, one pytree per stage.
+      opt_states: initial optimiser states, one per stage.
+    """
+
+    def __init__(self, names: Sequence[str], params: Sequence[Any], opt_states: Sequence[Any]):
+        if not (len(names) == len(params) == len(opt_states)):
+            raise ValueError("names, params and opt_states must have one entry per stage")
+        self.names = tuple(names)
+        self._slots = [Slot(0, p, o) for p, o in zip(params, opt_states)]
+        self._locks = [threading.Lock() for _ in names]
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def read(self, stage: int) -> Slot:
+        """The current slot of `stage` (a reference read: no lock needed, the slot is immutable)."""
+        return self._slots[stage]
+
+    def commit(self, stage: int, update: Callable[[Any, Any], tuple]) -> Commit:
+        """Atomically replaces stage `stage` with `update(params, opt_state)`.
+
+        Args:
+          stage: stage index.
+          update: called under the stage's lock with the current params and optimiser state; returns
+            `(new_params, new_opt_state)` or `(new_params, new_opt_state, extra)`. It should only
+            dispatch device work, never wait for it.
+        Returns:
+          A `Commit` with the replaced and the installed slot and `extra` (or None).
+        """
+        with self._locks[stage]:
+            before = self._slots[stage]
+            result = update(before.params, before.opt_state)
+            extra = result[2] if len(result) == 3 else None
+            after = Slot(before.version + 1, result[0], result[1])
+            self._slots[stage] = after
+        return Commit(before, after, extra)
+
+    def commit_all(self, update: Callable[[list, list], tuple]) -> list[Commit]:
+        """Atomically replaces every stage with `update(params_list, opt_list)`.
+
+        Locks are taken in stage order (the one global order, so no deadlock with `snapshot`).
+        Returns:
+          One `Commit` per stage; `extra` of each is the update's third output (or None).
+        """
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            before = list(self._slots)
+            result = update([s.params for s in before], [s.opt_state for s in before])
+            extra = result[2] if len(result) == 3 else None
+            commits = []
+            for stage, (old, params, opt_state) in enumerate(zip(before, result[0], result[1])):
+                new = Slot(old.version + 1, params, opt_state)
+                self._slots[stage] = new
+                commits.append(Commit(old, new, extra))
+            return commits
+        finally:
+            for lock in reversed(self._locks):
+                lock.release()
+
+    def snapshot(self) -> list[Slot]:
+        """A consistent whole-model cut: no commit is half-way through while it is taken."""
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            return list(self._slots)
+        finally:
+            for lock in reversed(self._locks):
+                lock.release()
+
+    def params(self) -> list:
+        return [slot.params for slot in self.snapshot()]
+
+    def versions(self) -> list[int]:
+        return [slot.version for slot in self.snapshot()]

@@ -1,0 +1,98 @@
+"""The forward and the backward pass through the store, shared by layerwise, pdasgd and dasgd.
+
+A forward pass reads each stage's `(version, params)` just before running that stage and returns a
+`WorkItem`; a backward pass walks the stages from the last to the first. With layer-wise commits it
+commits stage l as soon as its gradient exists (PD-ASGD); otherwise it collects every gradient and
+commits the whole model at the end (D-ASGD, the block-update ablation).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+
+from asyncsgd.data.dataset import Batch
+from asyncsgd.metrics import Update
+from asyncsgd.trainers.session import Session
+
+
+class WorkItem(NamedTuple):
+    """A finished forward pass handed to a backward worker.
+
+    Arrays crossing the thread boundary: `residuals[l]` (stage l's pullback or input), `dlogits_BxC`.
+    """
+
+    seq: int
+    loss: jax.Array
+    dlogits_BxC: jax.Array
+    residuals: tuple
+    versions_read: tuple[int, ...]
+    times_read: tuple[float, ...]
+
+
+def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool) -> WorkItem:
+    """Runs every forward unit on the store's current parameters, then the loss head.
+
+    Args:
+      sync_each_stage: wait for stage l's output before reading stage l+1, so each read is as fresh
+        as possible (what a forward thread on a device does); off for the sequential trainer.
+    """
+    units, store = session.units, session.store
+    x, residuals, versions, times = batch.x, [], [], []
+    for index, name in enumerate(session.model.stage_names):
+        worker.beat(f"forward stage {name} (item {batch.seq})")
+        slot = store.read(index)
+        versions.append(slot.version)
+        times.append(time.perf_counter())
+        x, res = units.forward[index](slot.params, x)
+        residuals.append(res)
+        if sync_each_stage:
+            x.block_until_ready()  # blocks: the next stage's read must come after this stage ran
+    loss, dlogits = units.loss_grad(x, batch.y)
+    return WorkItem(batch.seq, loss, dlogits, tuple(residuals), tuple(versions), tuple(times))
+
+
+def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, sync_each_stage: bool) -> Any:
+    """Walks the stages from last to first and commits the updates.
+
+    Args:
+      layerwise: commit each stage as soon as its gradient exists (PD-ASGD); otherwise commit the
+        whole model after the full backward (D-ASGD).
+      sync_each_stage: wait for each stage's input gradient before moving on (a backward thread's
+        real pace; it also keeps a committed update computed before others read it).
+    Returns:
+      The last array dispatched (block on it to wait for the whole pass).
+    """
+    units, store, recorder = session.units, session.store, session.recorder
+    names = session.model.stage_names
+    dy = item.dlogits_BxC
+    grads: list = [None] * len(names)
+    last = dy
+    for index in reversed(range(len(names))):
+        worker.beat(f"backward stage {names[index]} (item {item.seq})")
+        residuals = item.residuals[index]
+        if layerwise:
+            def update(params, opt_state, index=index, residuals=residuals, dy=dy):
+                return units.backward_update[index](params, opt_state, residuals, dy)
+            commit = store.commit(index, update)
+            new_params, _, dy = commit.after.params, None, commit.extra
+            recorder.record_update(Update(index, item.versions_read[index], commit.before.version,
+                                          worker.name, item.times_read[index], time.perf_counter()))
+            last = dy if dy is not None else new_params
+        else:
+            # Recompute mode differentiates at the current parameters; stash mode ignores them.
+            grads[index], dy = units.backward[index](store.read(index).params, residuals, dy)
+            last = dy if dy is not None else grads[index]
+        if sync_each_stage:
+            jax.block_until_ready(last)  # blocks: this stage's work finishes before the next starts
+    if not layerwise:
+        worker.beat(f"committing the whole model (item {item.seq})")
+        commits = store.commit_all(lambda params, opts: units.model_update(params, opts, grads))
+        now = time.perf_counter()
+        for index, commit in enumerate(commits):
+            recorder.record_update(Update(index, item.versions_read[index], commit.before.version,
+                                          worker.name, item.times_read[index], now))
+        last = commits[0].after.params
+    return last

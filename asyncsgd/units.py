@@ -1,0 +1,200 @@
+"""The one place where stages are jit-compiled.
+
+For each stage l of a `StagedModel` this builds (DESIGN.md, "unit"):
+
+  forward[l](params, x)                       -> (y, residuals)
+  backward[l](params, residuals, dy)          -> (grads, dx)
+  backward_update[l](params, opt, res, dy)    -> (params', opt', dx)    (update fused into backward)
+  update[l](params, opt, grads)               -> (params', opt')
+
+plus the whole-model functions the synchronous and Hogwild trainers need (`train_step`,
+`model_grad`, `model_update`), the loss head (`loss_grad`) and `evaluate`.
+
+Residual modes:
+  stash:     the forward returns the `jax.vjp` pullback (a pytree of residual arrays). The gradient
+             is taken at the parameters the forward pass read (weight stashing); nothing is recomputed.
+  recompute: the forward keeps only its input; the backward re-runs the stage's forward under
+             `jax.vjp` at the parameters it is given (the store's current ones, in the async trainers).
+
+The first stage never returns an input gradient (dx is None): nothing consumes it.
+
+`Units.warmup` calls every function once on real shapes, so all compilation happens before any thread
+starts; `trace_counts` records how often each function was traced (it must stay at 1).
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from asyncsgd.models.staged import StagedModel, cross_entropy
+
+Params = Any
+
+
+def _apply_update(optimizer: optax.GradientTransformation, params, opt_state, grads):
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state
+
+
+class Units:
+    """Compiled per-stage and whole-model functions for one model, optimiser and batch shape.
+
+    Args:
+      model: the staged model.
+      optimizer: the per-stage optax transformation.
+      residuals: "stash" or "recompute".
+    """
+
+    def __init__(self, model: StagedModel, optimizer: optax.GradientTransformation,
+                 residuals: str = "stash"):
+        if residuals not in ("stash", "recompute"):
+            raise ValueError(f"residuals must be 'stash' or 'recompute', got {residuals!r}")
+        self.model = model
+        self.optimizer = optimizer
+        self.residuals = residuals
+        self.trace_counts: collections.Counter = collections.Counter()
+        self.compile_time_s = 0.0
+        self.residual_bytes = 0  # bytes one forward pass keeps for its backward (set by warmup)
+        stages = model.stages
+        self.forward = [self._jit(f"forward/{s.name}", self._make_forward(i)) for i, s in enumerate(stages)]
+        self.backward = [self._jit(f"backward/{s.name}", self._make_backward(i)) for i, s in enumerate(stages)]
+        self.backward_update = [self._jit(f"backward_update/{s.name}", self._make_backward_update(i))
+                                for i, s in enumerate(stages)]
+        self.update = [self._jit(f"update/{s.name}", self._update) for s in stages]
+        self.loss_grad = self._jit("loss_grad", jax.value_and_grad(cross_entropy))
+        self.train_step = self._jit("train_step", self._train_step)
+        self.model_grad = self._jit("model_grad", self._model_grad)
+        self.model_update = self._jit("model_update", self._model_update)
+        self.evaluate = self._jit("evaluate", self._evaluate)
+
+    # -- building blocks (traced once each) -------------------------------------------------------
+    def _jit(self, name: str, fn: Callable) -> Callable:
+        def counted(*args):
+            self.trace_counts[name] += 1  # runs at trace time only
+            return fn(*args)
+        counted.__name__ = name.replace("/", "_")
+        return jax.jit(counted)
+
+    def _stage_vjp(self, index: int, params, x):
+        apply = self.model.stages[index].apply
+        if index == 0:  # no input gradient for the first stage
+            y, pullback = jax.vjp(lambda p: apply(p, x), params)
+        else:
+            y, pullback = jax.vjp(apply, params, x)
+        return y, pullback
+
+    def _make_forward(self, index: int):
+        apply = self.model.stages[index].apply
+
+        def forward(params, x):
+            if self.residuals == "stash":
+                return self._stage_vjp(index, params, x)
+            return apply(params, x), x
+        return forward
+
+    def _grads_from_residuals(self, index: int, params, residuals, dy):
+        if self.residuals == "stash":
+            pullback = residuals
+        else:
+            _, pullback = self._stage_vjp(index, params, residuals)
+        cotangents = pullback(dy)
+        grads = cotangents[0]
+        dx = cotangents[1] if index > 0 else None
+        return grads, dx
+
+    def _make_backward(self, index: int):
+        def backward(params, residuals, dy):
+            return self._grads_from_residuals(index, params, residuals, dy)
+        return backward
+
+    def _make_backward_update(self, index: int):
+        def backward_update(params, opt_state, residuals, dy):
+            grads, dx = self._grads_from_residuals(index, params, residuals, dy)
+            params, opt_state = _apply_update(self.optimizer, params, opt_state, grads)
+            return params, opt_state, dx
+        return backward_update
+
+    def _update(self, params, opt_state, grads):
+        return _apply_update(self.optimizer, params, opt_state, grads)
+
+    def _model_grad(self, params_list, x, labels):
+        loss, grads = jax.value_and_grad(self.model.loss)(params_list, x, labels)
+        return grads, loss
+
+    def _model_update(self, params_list, opt_list, grads_list):
+        pairs = [_apply_update(self.optimizer, p, o, g) for p, o, g in zip(params_list, opt_list, grads_list)]
+        return [p for p, _ in pairs], [o for _, o in pairs]
+
+    def _train_step(self, params_list, opt_list, x, labels):
+        grads, loss = self._model_grad(params_list, x, labels)
+        params_list, opt_list = self._model_update(params_list, opt_list, grads)
+        return params_list, opt_list, loss
+
+    def _evaluate(self, params_list, x, labels, mask):
+        logits = self.model.apply(params_list, x)
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        correct = (jnp.argmax(logits, axis=-1) == labels)
+        return jnp.sum(losses * mask), jnp.sum(correct * mask)
+
+    # -- compilation ------------------------------------------------------------------------------
+    def init_opt_states(self, params: Sequence[Params]) -> list:
+        return [self.optimizer.init(p) for p in params]
+
+    def warmup(self, params: Sequence[Params], opt_states: Sequence[Any], batch_size: int,
+               eval_batch_size: int) -> float:
+        """Compiles every unit by calling it once on zeros of the real shapes; returns seconds spent.
+
+        Must run before any worker thread starts (compilation can hold the GIL, DESIGN.md).
+        """
+        start = time.perf_counter()
+        params, opt_states = list(params), list(opt_states)
+        x = jnp.zeros((batch_size, *self.model.input_shape), jnp.float32)
+        labels = jnp.zeros((batch_size,), jnp.int32)
+        residuals = []
+        for index, forward in enumerate(self.forward):
+            x, res = forward(params[index], x)
+            residuals.append(res)
+        loss, dy = self.loss_grad(x, labels)
+        self.residual_bytes = sum(tree_nbytes(res) for res in residuals)
+        for index in reversed(range(len(self.forward))):
+            grads, _ = self.backward[index](params[index], residuals[index], dy)
+            self.update[index](params[index], opt_states[index], grads)
+            _, _, dy = self.backward_update[index](params[index], opt_states[index], residuals[index], dy)
+        x0 = jnp.zeros((batch_size, *self.model.input_shape), jnp.float32)
+        self.train_step(params, opt_states, x0, labels)
+        grads, _ = self.model_grad(params, x0, labels)
+        out = self.model_update(params, opt_states, grads)
+        xe = jnp.zeros((eval_batch_size, *self.model.input_shape), jnp.float32)
+        ye = jnp.zeros((eval_batch_size,), jnp.int32)
+        ev = self.evaluate(params, xe, ye, jnp.ones((eval_batch_size,), jnp.float32))
+        jax.block_until_ready((out, ev, loss))  # blocks: compilation and the first runs finish here
+        elapsed = time.perf_counter() - start
+        self.compile_time_s += elapsed
+        return elapsed
+
+    def step_flops(self, params: Sequence[Params], opt_states: Sequence[Any], batch_size: int) -> float:
+        """FLOPs of one whole training step as XLA's cost analysis counts them (one count per model
+        and batch, used for the MFU of every trainer)."""
+        x = jax.ShapeDtypeStruct((batch_size, *self.model.input_shape), jnp.float32)
+        labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
+        lowered = jax.jit(self._train_step).lower(list(params), list(opt_states), x, labels)
+        cost = lowered.cost_analysis()
+        if isinstance(cost, (list, tuple)):
+            cost = cost[0] if cost else {}
+        return float((cost or {}).get("flops", float("nan")))
+
+    def max_trace_count(self) -> int:
+        return max(self.trace_counts.values()) if self.trace_counts else 0
+
+
+def tree_nbytes(tree) -> int:
+    """Bytes held by the arrays of a pytree (e.g. the residuals of one forward pass)."""
+    return int(sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree)
+                   if hasattr(leaf, "shape")))

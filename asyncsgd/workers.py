@@ -1,0 +1,287 @@
+"""Thread plumbing: one worker skeleton for every thread, bounded channels, and a watchdog.
+
+A `Crew` owns a stop event and a set of workers. Each worker is a function `body(worker, *args)` run
+in its own daemon thread; a `Worker` handle gives it `get`/`put` on bounded `Channel`s that wake up on
+the stop event, a `doing` label used in error messages, and `beat()` to report progress.
+
+The coordinating (main) thread calls `Crew.run()`, which
+  * re-raises the first worker exception as `WorkerError`, naming the worker and what it was doing,
+    after stopping and joining every thread;
+  * raises `StallError` when no worker has made progress for `watchdog_s` seconds, naming the workers
+    that were not merely waiting on a channel;
+  * on Ctrl+C (KeyboardInterrupt in the main thread) stops and joins every worker, then re-raises;
+  * calls `tick()` periodically (progress bars, queue-depth sampling).
+No thread outlives `run()`: it only returns after every worker has been joined.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable, Optional, Sequence
+
+_POLL_S = 0.05
+_END = object()  # end-of-stream marker inside a channel
+
+
+class WorkerError(RuntimeError):
+    """A worker thread raised; the message names the worker and what it was doing."""
+
+
+class StallError(RuntimeError):
+    """The watchdog saw no progress for too long; the message names the stuck workers."""
+
+
+class Stopped(Exception):
+    """Raised inside a worker when the crew's stop event is set while it waits."""
+
+
+class EndOfStream(Exception):
+    """Raised by `Channel.get` once every producer has closed the channel and it is drained."""
+
+
+class Channel:
+    """A bounded FIFO between workers, closed by its producers.
+
+    Args:
+      name: shown in stall reports ("waiting on channel <name>").
+      maxsize: capacity (>= 1); a full channel blocks its producers (back-pressure).
+      producers: how many producers must `close()` before consumers see the end of the stream.
+    """
+
+    def __init__(self, name: str, maxsize: int, producers: int = 1):
+        if maxsize < 1:
+            raise ValueError(f"channel {name!r}: maxsize must be >= 1, got {maxsize}")
+        self.name = name
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._open_producers = producers
+        self._close_lock = threading.Lock()  # guards the producer count only
+
+    def qsize(self) -> int:
+        return self._queue.qsize()
+
+    def _producer_done(self) -> bool:
+        """Counts one producer out; True for the last one."""
+        with self._close_lock:
+            self._open_producers -= 1
+            return self._open_producers == 0
+
+
+class Worker:
+    """The handle a worker body gets: channel I/O that respects the stop event, and progress beats."""
+
+    def __init__(self, crew: "Crew", name: str):
+        self.crew = crew
+        self.name = name
+        self.doing = "starting"
+        self.waiting_on: Optional[str] = None
+        self.last_beat = time.monotonic()
+
+    @property
+    def stopping(self) -> bool:
+        return self.crew.stop_event.is_set()
+
+    def beat(self, doing: Optional[str] = None) -> None:
+        """Reports progress (and optionally what the worker is about to do)."""
+        self.last_beat = time.monotonic()
+        self.crew.last_progress = self.last_beat
+        if doing is not None:
+            self.doing = doing
+
+    def check(self) -> None:
+        if self.stopping:
+            raise Stopped()
+
+    def get(self, channel: Channel) -> Any:
+        """Takes the next item; raises `EndOfStream` at the end, `Stopped` if the crew stops."""
+        self.waiting_on = f"channel {channel.name} (get)"
+        try:
+            while True:
+                self.check()
+                try:
+                    item = channel._queue.get(timeout=_POLL_S)
+                except queue.Empty:
+                    continue
+                if item is _END:
+                    # Re-post the marker for the other consumers; there is room, we just took it.
+                    channel._queue.put_nowait(_END)
+                    raise EndOfStream()
+                return item
+        finally:
+            self.waiting_on = None
+
+    def put(self, channel: Channel, item: Any) -> None:
+        """Adds an item, blocking while the channel is full; raises `Stopped` if the crew stops."""
+        self.waiting_on = f"channel {channel.name} (put)"
+        try:
+            while True:
+                self.check()
+                try:
+                    channel._queue.put(item, timeout=_POLL_S)
+                    return
+                except queue.Full:
+                    continue
+        finally:
+            self.waiting_on = None
+
+    def close(self, channel: Channel) -> None:
+        """Says this producer is done with `channel`; the last producer ends the stream."""
+        if channel._producer_done():
+            self.put(channel, _END)
+
+    def wait(self, event: threading.Event, what: str) -> None:
+        """Waits for `event`; raises `Stopped` if the crew stops first."""
+        self.waiting_on = what
+        try:
+            while not event.wait(_POLL_S):
+                self.check()
+        finally:
+            self.waiting_on = None
+
+
+class Crew:
+    """A group of worker threads with one stop event, error hand-off and a watchdog.
+
+    Args:
+      name: used in thread names and messages.
+      watchdog_s: raise `StallError` after this many seconds without any worker's `beat()`.
+    """
+
+    def __init__(self, name: str, watchdog_s: float = 120.0):
+        self.name = name
+        self.watchdog_s = watchdog_s
+        self.stop_event = threading.Event()
+        self.last_progress = time.monotonic()
+        self._threads: list[threading.Thread] = []
+        self._workers: list[Worker] = []
+        self._error: Optional[tuple[Worker, BaseException]] = None
+        self._error_lock = threading.Lock()
+
+    @property
+    def workers(self) -> list[Worker]:
+        return list(self._workers)
+
+    def spawn(self, name: str, body: Callable[..., None], *args: Any, closes: Sequence[Channel] = ()) -> Worker:
+        """Registers a worker; it starts when `run()` is called.
+
+        Args:
+          name: the worker's name in messages.
+          body: `body(worker, *args)`; returning (or hitting the end of its input stream) finishes it.
+          closes: channels this worker produces into; they are closed for it when it finishes.
+        """
+        worker = Worker(self, name)
+
+        def main() -> None:
+            try:
+                try:
+                    body(worker, *args)
+                except EndOfStream:
+                    pass
+                for channel in closes:
+                    worker.close(channel)
+                worker.doing = "finished"
+            except Stopped:
+                worker.doing = "stopped"
+            except BaseException as exc:  # handed to the coordinator, never swallowed
+                with self._error_lock:
+                    if self._error is None:
+                        self._error = (worker, exc)
+                self.stop_event.set()
+
+        thread = threading.Thread(target=main, name=f"{self.name}/{name}", daemon=True)
+        self._threads.append(thread)
+        self._workers.append(worker)
+        return worker
+
+    def alive(self) -> list[str]:
+        return [t.name for t in self._threads if t.is_alive()]
+
+    def _join(self, timeout_s: float = 10.0) -> None:
+        self.stop_event.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        left = self.alive()
+        if left:
+            raise WorkerError(f"{self.name}: threads still alive {timeout_s:.0f}s after stop: {', '.join(left)}")
+
+    def _raise_worker_error(self) -> None:
+        worker, exc = self._error
+        raise WorkerError(f"worker {worker.name} failed while {worker.doing}: "
+                          f"{type(exc).__name__}: {exc}") from exc
+
+    def _check_stall(self) -> None:
+        idle_s = time.monotonic() - self.last_progress
+        if idle_s < self.watchdog_s:
+            return
+        now = time.monotonic()
+        stuck = [f"{w.name} stuck while {w.doing} for {now - w.last_beat:.1f}s" for w, t in
+                 zip(self._workers, self._threads) if t.is_alive() and w.waiting_on is None]
+        waiting = [f"{w.name} waiting on {w.waiting_on}" for w, t in zip(self._workers, self._threads)
+                   if t.is_alive() and w.waiting_on is not None]
+        raise StallError(f"{self.name}: no progress for {idle_s:.1f}s; "
+                         + "; ".join(stuck + waiting or ["no live workers"]))
+
+    def run(self, tick: Optional[Callable[[], None]] = None, tick_every_s: float = 0.25) -> None:
+        """Starts every worker and coordinates until all have finished (see the module docstring)."""
+        self.last_progress = time.monotonic()
+        for worker in self._workers:
+            worker.last_beat = self.last_progress
+        for thread in self._threads:
+            thread.start()
+        next_tick = 0.0
+        try:
+            while True:
+                if self._error is not None:
+                    break
+                if not any(t.is_alive() for t in self._threads):
+                    break
+                self._check_stall()
+                if tick is not None and time.monotonic() >= next_tick:
+                    tick()
+                    next_tick = time.monotonic() + tick_every_s
+                # Short sleeps keep the main thread responsive to Ctrl+C.
+                self._threads[0].join(_POLL_S) if len(self._threads) == 1 else time.sleep(_POLL_S)
+        except BaseException:
+            self._join()
+            raise
+        self._join()
+        if self._error is not None:
+            self._raise_worker_error()
+        if tick is not None:
+            tick()
+
+
+class Window:
+    """Bounds how far item `seq` may run ahead: it may start only once item `seq - size` has finished.
+
+    Sequence numbers are handed out in order by the data stream, so every wait points at a smaller
+    number and waits cannot form a cycle. With `size == 1` items run strictly one after another.
+    """
+
+    def __init__(self, size: int, first_seq: int = 0):
+        if size < 1:
+            raise ValueError(f"window size must be >= 1, got {size}")
+        self.size = size
+        self.first_seq = first_seq
+        self._done: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def _event(self, seq: int) -> threading.Event:
+        with self._lock:
+            event = self._done.get(seq)
+            if event is None:
+                event = self._done[seq] = threading.Event()
+            return event
+
+    def acquire(self, worker: Worker, seq: int) -> None:
+        """Blocks `worker` until item `seq - size` has been released."""
+        older = seq - self.size
+        if older >= self.first_seq:
+            worker.wait(self._event(older), f"window (item {older} to finish)")
+            with self._lock:
+                self._done.pop(older, None)
+
+    def release(self, seq: int) -> None:
+        self._event(seq).set()
