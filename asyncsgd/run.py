@@ -24,7 +24,7 @@ from asyncsgd.metrics import JsonlWriter, Recorder, measure_peak_flops, peak_rss
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
-from asyncsgd.trainers import EpochPlan, Session, get_trainer, staleness_bound
+from asyncsgd.trainers import UNITS_NEEDED, EpochPlan, Session, get_trainer, staleness_bound
 from asyncsgd.units import Units, tree_nbytes
 
 
@@ -97,8 +97,12 @@ def _write_updates(path: str, recorder: Recorder) -> None:
                              u.worker, f"{u.t_read:.6f}", f"{u.t_commit:.6f}"])
 
 
-def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict) -> tuple[Session, int]:
+def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict,
+                  unit_groups: Optional[tuple[str, ...]] = None) -> tuple[Session, int]:
     """Model, optimiser, compiled units (compiled here, before any thread) and the store.
+
+    Args:
+      unit_groups: the units to compile (default: those `config.trainer` calls).
 
     Returns:
       The session and the number of steps the run plans.
@@ -111,7 +115,8 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict) 
     units = Units(model, make_optimizer(config, total_steps), config.residuals)
     params = model.init(jax.random.PRNGKey(config.seed))
     opt_states = units.init_opt_states(params)
-    units.warmup(params, opt_states, config.batch_size, config.eval_batch_size)
+    units.warmup(params, opt_states, config.batch_size, config.eval_batch_size,
+                 groups=unit_groups or UNITS_NEEDED[config.trainer])
     store = ParamStore(model.stage_names, params, opt_states)
     recorder = Recorder(model.stage_names, config.batch_size, total_steps, **recorder_kwargs)
     return Session(config, model, units, store, dataset, recorder), total_steps

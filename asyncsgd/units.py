@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import collections
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,6 +36,8 @@ import optax
 from asyncsgd.models.staged import StagedModel, cross_entropy
 
 Params = Any
+
+UNIT_GROUPS = ("stages", "stages_split", "train_step", "model_grad")
 
 
 def _apply_update(optimizer: optax.GradientTransformation, params, opt_state, grads):
@@ -148,33 +150,53 @@ class Units:
         return [self.optimizer.init(p) for p in params]
 
     def warmup(self, params: Sequence[Params], opt_states: Sequence[Any], batch_size: int,
-               eval_batch_size: int) -> float:
-        """Compiles every unit by calling it once on zeros of the real shapes; returns seconds spent.
+               eval_batch_size: int, groups: Optional[Collection[str]] = None) -> float:
+        """Compiles units by calling them once on zeros of the real shapes; returns seconds spent.
 
         Must run before any worker thread starts (compilation can hold the GIL, DESIGN.md).
+
+        Args:
+          groups: which units a trainer will call (default: all of `UNIT_GROUPS`): "stages" (forward,
+            loss_grad, backward_update), "stages_split" (forward, loss_grad, backward, update,
+            model_update), "train_step", "model_grad" (model_grad, model_update). `evaluate` always.
         """
+        groups = set(UNIT_GROUPS if groups is None else groups)
+        unknown = groups - set(UNIT_GROUPS)
+        if unknown:
+            raise ValueError(f"unknown unit groups {sorted(unknown)}; known: {UNIT_GROUPS}")
         start = time.perf_counter()
         params, opt_states = list(params), list(opt_states)
-        x = jnp.zeros((batch_size, *self.model.input_shape), jnp.float32)
-        labels = jnp.zeros((batch_size,), jnp.int32)
-        residuals = []
-        for index, forward in enumerate(self.forward):
-            x, res = forward(params[index], x)
-            residuals.append(res)
-        loss, dy = self.loss_grad(x, labels)
-        self.residual_bytes = sum(tree_nbytes(res) for res in residuals)
-        for index in reversed(range(len(self.forward))):
-            grads, _ = self.backward[index](params[index], residuals[index], dy)
-            self.update[index](params[index], opt_states[index], grads)
-            _, _, dy = self.backward_update[index](params[index], opt_states[index], residuals[index], dy)
+        outputs = []
         x0 = jnp.zeros((batch_size, *self.model.input_shape), jnp.float32)
-        self.train_step(params, opt_states, x0, labels)
-        grads, _ = self.model_grad(params, x0, labels)
-        out = self.model_update(params, opt_states, grads)
+        labels = jnp.zeros((batch_size,), jnp.int32)
+        if groups & {"stages", "stages_split"}:
+            x, residuals = x0, []
+            for index, forward in enumerate(self.forward):
+                x, res = forward(params[index], x)
+                residuals.append(res)
+            loss, dy_top = self.loss_grad(x, labels)
+            self.residual_bytes = sum(tree_nbytes(res) for res in residuals)
+            outputs.append(loss)
+            if "stages" in groups:
+                dy = dy_top
+                for index in reversed(range(len(self.forward))):
+                    _, _, dy = self.backward_update[index](params[index], opt_states[index], residuals[index], dy)
+                outputs.append(dy)
+            if "stages_split" in groups:
+                dy, grads = dy_top, [None] * len(params)
+                for index in reversed(range(len(self.forward))):
+                    grads[index], dy = self.backward[index](params[index], residuals[index], dy)
+                    outputs.append(self.update[index](params[index], opt_states[index], grads[index]))
+                outputs.append(self.model_update(params, opt_states, grads))
+        if "train_step" in groups:
+            outputs.append(self.train_step(params, opt_states, x0, labels))
+        if "model_grad" in groups:
+            grads, _ = self.model_grad(params, x0, labels)
+            outputs.append(self.model_update(params, opt_states, grads))
         xe = jnp.zeros((eval_batch_size, *self.model.input_shape), jnp.float32)
         ye = jnp.zeros((eval_batch_size,), jnp.int32)
-        ev = self.evaluate(params, xe, ye, jnp.ones((eval_batch_size,), jnp.float32))
-        jax.block_until_ready((out, ev, loss))  # blocks: compilation and the first runs finish here
+        outputs.append(self.evaluate(params, xe, ye, jnp.ones((eval_batch_size,), jnp.float32)))
+        jax.block_until_ready(outputs)  # blocks: compilation and the first runs finish here
         elapsed = time.perf_counter() - start
         self.compile_time_s += elapsed
         return elapsed

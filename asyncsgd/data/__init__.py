@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from asyncsgd.data.dataset import Batch, Dataset, eval_batches, iterate_batches, steps_per_epoch
@@ -11,8 +12,14 @@ from asyncsgd.data.sources import ChecksumError, DatasetNotFound
 from asyncsgd.data.synthetic import synthetic
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None, download: bool = True) -> Dataset:
-    """Loads a dataset by name (raw, not normalised)."""
+def load_dataset(name: str, data_dir: Optional[str] = None, download: Optional[bool] = None) -> Dataset:
+    """Loads a dataset by name (raw, not normalised).
+
+    Args:
+      download: allow downloading missing files (default: yes, unless `$ASYNCSGD_OFFLINE` is set).
+    """
+    if download is None:
+        download = os.environ.get("ASYNCSGD_OFFLINE", "") in ("", "0")
     if name == "synthetic":
         return synthetic()
     if name in ("fashion_mnist", "mnist"):

@@ -1,6 +1,7 @@
 """A small residual CNN for 28x28 inputs: a stem, three residual blocks (32/64/128 channels), a head.
 
-Each block is one stage. There is no normalisation layer (batch-norm state under asynchrony is its own
+Each block is one stage. Convolutions use `asyncsgd.models.conv.Conv`, whose weight gradient avoids
+XLA's slow CPU path (see that module). There is no normalisation layer (batch-norm state under asynchrony is its own
 design question, see issue 5); instead the last convolution of each residual branch starts small so
 the blocks start close to the identity and train stably without it.
 """
@@ -11,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from asyncsgd.models.conv import Conv
 from asyncsgd.models.staged import Stage, StagedModel
 
 _he = nn.initializers.he_normal()
@@ -22,7 +24,7 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
-        return nn.relu(nn.Conv(self.features, (3, 3), kernel_init=_he)(x_BxHxWxC))
+        return nn.relu(Conv(self.features, (3, 3), kernel_init=_he)(x_BxHxWxC))
 
 
 class ResidualBlock(nn.Module):
@@ -34,11 +36,11 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x_BxHxWxC: jax.Array) -> jax.Array:
         strides = (self.stride, self.stride)
-        y = nn.relu(nn.Conv(self.features, (3, 3), strides=strides, kernel_init=_he)(x_BxHxWxC))
-        y = nn.Conv(self.features, (3, 3), kernel_init=_small)(y)
+        y = nn.relu(Conv(self.features, (3, 3), strides=strides, kernel_init=_he)(x_BxHxWxC))
+        y = Conv(self.features, (3, 3), kernel_init=_small)(y)
         shortcut = x_BxHxWxC
         if self.stride != 1 or x_BxHxWxC.shape[-1] != self.features:
-            shortcut = nn.Conv(self.features, (1, 1), strides=strides, use_bias=False,
+            shortcut = Conv(self.features, (1, 1), strides=strides, use_bias=False,
                                kernel_init=_he)(x_BxHxWxC)
         return nn.relu(y + shortcut)
 

@@ -13,6 +13,15 @@ TRAINERS: dict[str, TrainerFn] = {
     "hogwild": hogwild.run_epoch,
 }
 
+# The compiled units each trainer calls (see `Units.warmup`): only these are compiled for a run.
+UNITS_NEEDED: dict[str, tuple[str, ...]] = {
+    "sync": ("train_step",),
+    "layerwise": ("stages",),
+    "pdasgd": ("stages",),
+    "dasgd": ("stages_split",),
+    "hogwild": ("model_grad",),
+}
+
 
 def get_trainer(name: str) -> TrainerFn:
     if name not in TRAINERS:
@@ -29,4 +38,4 @@ def staleness_bound(trainer: str, max_inflight: int, workers: int) -> int:
     return 0
 
 
-__all__ = ["EpochPlan", "Session", "TRAINERS", "get_trainer", "staleness_bound"]
+__all__ = ["EpochPlan", "Session", "TRAINERS", "UNITS_NEEDED", "get_trainer", "staleness_bound"]

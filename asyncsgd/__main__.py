@@ -1,0 +1,5 @@
+import sys
+
+from asyncsgd.cli import main
+
+sys.exit(main())

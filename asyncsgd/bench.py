@@ -1,0 +1,147 @@
+"""Side-by-side throughput of trainers in one process, and per-unit timings.
+
+Every trainer runs on the same synthetic data of the model's input shape, with its own freshly
+initialised store, after a few untimed warm-up steps. Ratios to `sync` are the numbers to quote:
+absolute times on a shared 2-core machine move from run to run, ratios taken minutes apart much less.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from asyncsgd.config import ConfigError, TrainConfig, validate
+from asyncsgd.data import synthetic
+from asyncsgd.metrics import JsonlWriter, measure_peak_flops, peak_rss_mb
+from asyncsgd.run import build_session
+from asyncsgd.trainers import EpochPlan, get_trainer
+
+
+def bench_trainer(config: TrainConfig, steps: int, warmup_steps: int = 5) -> dict:
+    """Times `steps` training steps of `config.trainer` (after `warmup_steps` untimed ones)."""
+    dataset = synthetic(num_train=config.batch_size * max(steps, warmup_steps), num_test=config.batch_size,
+                        input_shape=(28, 28, 1), seed=config.seed).normalized()
+    session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False))
+    run_epoch = get_trainer(config.trainer)
+    run_epoch(session, EpochPlan(0, 0, warmup_steps))
+    session.recorder.tick()
+    done_before = session.recorder.steps
+    start = time.perf_counter()
+    run_epoch(session, EpochPlan(1, warmup_steps, steps))
+    elapsed = time.perf_counter() - start
+    session.recorder.tick()
+    timed_steps = session.recorder.steps - done_before
+    staleness = session.recorder.staleness()
+    flops = session.units.step_flops(session.store.params(), [s.opt_state for s in session.store.snapshot()],
+                                     config.batch_size)
+    return {
+        "trainer": config.trainer,
+        "steps": timed_steps,
+        "seconds": elapsed,
+        "samples_per_s": timed_steps * config.batch_size / elapsed,
+        "flops_per_step": flops,
+        "staleness_mean": max((s["mean"] for s in staleness.values()), default=0.0),
+        "staleness_max": max((s["max"] for s in staleness.values()), default=0),
+        "residual_mb_per_item": session.units.residual_bytes / 2 ** 20,
+        "max_trace_count": session.units.max_trace_count(),
+    }
+
+
+def unit_timings(config: TrainConfig, repeats: int = 10) -> list[dict]:
+    """Mean seconds of each stage's forward and fused backward+update unit, run in isolation."""
+    dataset = synthetic(num_train=config.batch_size, num_test=config.batch_size, input_shape=(28, 28, 1))
+    session, _ = build_session(config, dataset.normalized(), dict(writer=JsonlWriter(None), progress=False),
+                               unit_groups=("stages", "train_step"))
+    units, store = session.units, session.store
+    x = jnp.asarray(dataset.train_x[: config.batch_size])
+    inputs, residuals = [], []
+    for index in range(len(store)):
+        inputs.append(x)
+        x, res = units.forward[index](store.read(index).params, x)
+        residuals.append(res)
+    _, dy = units.loss_grad(x, jnp.asarray(dataset.train_y[: config.batch_size]))
+    douts = [None] * len(store)
+    for index in reversed(range(len(store))):
+        douts[index] = dy
+        slot = store.read(index)
+        _, _, dy = units.backward_update[index](slot.params, slot.opt_state, residuals[index], dy)
+
+    def timed(fn) -> float:
+        jax.block_until_ready(fn())
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn()
+        jax.block_until_ready(out)  # blocks: timing the device
+        return (time.perf_counter() - start) / repeats
+
+    rows = []
+    for index, name in enumerate(session.model.stage_names):
+        slot = store.read(index)
+        rows.append({
+            "stage": name,
+            "forward_s": timed(lambda: units.forward[index](slot.params, inputs[index])),
+            "backward_update_s": timed(lambda: units.backward_update[index](slot.params, slot.opt_state,
+                                                                            residuals[index], douts[index])),
+        })
+    params = store.params()
+    opts = [s.opt_state for s in store.snapshot()]
+    xb = jnp.asarray(dataset.train_x[: config.batch_size])
+    yb = jnp.asarray(dataset.train_y[: config.batch_size])
+    rows.append({"stage": "(whole step, sync)", "forward_s": float("nan"),
+                 "backward_update_s": timed(lambda: units.train_step(params, opts, xb, yb))})
+    return rows
+
+
+def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[str] = None,
+          with_units: bool = False) -> dict:
+    """Benchmarks `trainers` one after another and returns rows with ratios to `sync` and MFU."""
+    for name in trainers:
+        validate(dataclasses.replace(base, trainer=name))
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    peak = measure_peak_flops()
+    rows = []
+    for name in trainers:
+        row = bench_trainer(dataclasses.replace(base, trainer=name, progress=False), steps)
+        row["mfu"] = row["flops_per_step"] * row["samples_per_s"] / base.batch_size / peak
+        rows.append(row)
+    reference = next((r["samples_per_s"] for r in rows if r["trainer"] == "sync"), None)
+    for row in rows:
+        row["ratio_to_sync"] = row["samples_per_s"] / reference if reference else float("nan")
+    result = {"model": base.model, "batch_size": base.batch_size, "steps": steps, "peak_flops": peak,
+              "residuals": base.residuals, "peak_rss_mb": peak_rss_mb(), "rows": rows,
+              "config": dataclasses.asdict(base)}
+    if with_units:
+        result["units"] = unit_timings(base)
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+        with open(os.path.join(out, "bench.md"), "w", encoding="utf-8") as handle:
+            handle.write(format_bench(result) + "\n")
+    return result
+
+
+def format_bench(result: dict) -> str:
+    """The bench result as a markdown table."""
+    lines = [f"model {result['model']}, batch {result['batch_size']}, {result['steps']} timed steps, "
+             f"residuals {result['residuals']}, peak {result['peak_flops'] / 1e9:.0f} GFLOP/s (matmul)",
+             "",
+             "| trainer | samples/s | ratio to sync | MFU | staleness mean/max | residual MB/item |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['trainer']} | {r['samples_per_s']:.0f} | {r['ratio_to_sync']:.2f}x | "
+                     f"{100 * r['mfu']:.1f}% | {r['staleness_mean']:.2f}/{r['staleness_max']} | "
+                     f"{r['residual_mb_per_item']:.1f} |")
+    if "units" in result:
+        lines += ["", "| stage | forward ms | backward+update ms |", "|---|---:|---:|"]
+        for u in result["units"]:
+            fwd = "" if u["forward_s"] != u["forward_s"] else f"{1e3 * u['forward_s']:.2f}"
+            lines.append(f"| {u['stage']} | {fwd} | {1e3 * u['backward_update_s']:.2f} |")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""Command line: `asyncsgd train | compare | bench`.
+
+User errors (bad flags or values, missing or corrupt data, an output directory holding a finished
+run) print one line `asyncsgd: error: ...` and exit 2 (usage) or 1 (data and runtime); Ctrl+C or
+SIGTERM stops a run, writes what it has, and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import signal
+import sys
+from typing import Optional, Sequence
+
+from asyncsgd.config import DATASETS, MODELS, OPTIMIZERS, RESIDUAL_MODES, SCHEDULES, TRAINERS, ConfigError, TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2
+        raise ConfigError(message)
+
+
+def _trainer_list(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in TRAINERS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown trainer(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(TRAINERS)}")
+    return names
+
+
+def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_default: int) -> None:
+    d = _DEFAULTS
+    g = parser.add_argument_group("what to train")
+    g.add_argument("--model", choices=MODELS, default=model_default)
+    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
+    g.add_argument("--data-dir", default=None, help="directory with the dataset files (searched first)")
+    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
+    g = parser.add_argument_group("how long")
+    g.add_argument("--epochs", type=int, default=epochs_default)
+    g.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
+    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    g = parser.add_argument_group("optimiser (applied per stage)")
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    g = parser.add_argument_group("asynchronous trainers")
+    g.add_argument("--forward-threads", type=int, default=d.forward_threads, help="pdasgd/dasgd forward workers")
+    g.add_argument("--backward-threads", type=int, default=d.backward_threads,
+                   help="pdasgd/dasgd backward workers")
+    g.add_argument("--max-inflight", type=int, default=d.max_inflight,
+                   help="items a forward pass may run ahead of the oldest unfinished backward "
+                        "(0: one at a time, deterministic with 1 forward and 1 backward thread); "
+                        "staleness is at most 2x this")
+    g.add_argument("--workers", type=int, default=d.workers, help="hogwild worker threads")
+    g.add_argument("--residuals", choices=RESIDUAL_MODES, default=d.residuals,
+                   help="stash the forward's pullback, or recompute it at the current parameters")
+    g = parser.add_argument_group("run")
+    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--out", default=None, help="output directory (default runs/<trainer>-<model>-<dataset>)")
+    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="train record every N steps")
+    g.add_argument("--watchdog", type=float, default=d.watchdog_s, dest="watchdog_s",
+                   help="seconds without progress before a run is declared stuck")
+    g.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+
+
+def _config_from(args: argparse.Namespace, **overrides) -> TrainConfig:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    values = {k: v for k, v in vars(args).items() if k in fields}
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="asyncsgd", description="Asynchronous SGD with decoupled forward/backward passes "
+                     "and layer-wise updates (PD-ASGD), with its baselines.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("train", help="train one model with one trainer")
+    p.add_argument("--trainer", choices=TRAINERS, default=_DEFAULTS.trainer)
+    _add_run_flags(p, model_default="cnn", epochs_default=1)
+    p = sub.add_parser("compare", help="train with several trainers one after another and print a table")
+    p.add_argument("--trainers", type=_trainer_list, default=["sync", "pdasgd", "dasgd", "hogwild"])
+    _add_run_flags(p, model_default="mlp", epochs_default=1)
+    p = sub.add_parser("bench", help="throughput of several trainers side by side on synthetic data")
+    p.add_argument("--trainers", type=_trainer_list, default=["sync", "layerwise", "pdasgd", "dasgd", "hogwild"])
+    p.add_argument("--steps", type=int, default=30, help="timed steps per trainer")
+    p.add_argument("--unit-times", action="store_true", help="also time each stage's units in isolation")
+    _add_run_flags(p, model_default="cnn", epochs_default=1)
+    return parser
+
+
+def _default_out(config: TrainConfig, command: str) -> str:
+    if command == "compare":
+        return f"runs/compare-{config.model}-{config.dataset}"
+    return f"runs/{config.trainer}-{config.model}-{config.dataset}"
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "bench":
+        from asyncsgd.bench import bench, format_bench
+        config = _config_from(args, dataset="synthetic", out=None)
+        result = bench(config, args.trainers, args.steps, out=args.out, with_units=args.unit_times)
+        print(format_bench(result))
+        return 0
+    config = _config_from(args, trainer=getattr(args, "trainer", "sync"))
+    if config.out is None:
+        config = dataclasses.replace(config, out=_default_out(config, args.command))
+    if args.command == "compare":
+        from asyncsgd.compare import compare
+        result = compare(config, args.trainers)
+        print(result["table"])
+        print(f"\nresults: {config.out}/comparison.md, comparison.json and one folder per trainer")
+        return 0
+    from asyncsgd.run import train
+    summary = train(config)
+    keys = ("trainer", "model", "dataset", "epochs_completed", "steps", "test_accuracy", "test_loss",
+            "samples_per_s", "wall_time_s", "compile_time_s", "mfu", "peak_rss_mb")
+    print(json.dumps({k: summary[k] for k in keys}, indent=2))
+    print(f"results: {config.out}/summary.json, metrics.jsonl, updates.csv")
+    return 0
+
+
+def _sigterm(signum, frame):  # SIGTERM behaves like Ctrl+C: stop, write outputs, exit 130
+    raise KeyboardInterrupt()
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from asyncsgd.data import ChecksumError, DataFormatError, DatasetNotFound
+    from asyncsgd.workers import StallError, WorkerError
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        return _main(argv)
+    except ConfigError as exc:
+        print(f"asyncsgd: error: {exc}", file=sys.stderr)
+        return 2
+    except (DatasetNotFound, DataFormatError, ChecksumError, WorkerError, StallError) as exc:
+        print(f"asyncsgd: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("asyncsgd: interrupted; outputs written so far are kept (status \"interrupted\")", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,43 @@
+"""Strict JAX for every test, several virtual CPU devices, and shared tiny fixtures."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
+
+import dataclasses  # noqa: E402
+
+import pytest  # noqa: E402
+
+from asyncsgd.config import TrainConfig  # noqa: E402
+from asyncsgd.data import synthetic  # noqa: E402
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def tiny_data():
+    """A learnable 8x8x1 synthetic dataset: small enough that each unit compiles in well under a second."""
+    return synthetic(num_train=512, num_test=128, input_shape=(8, 8, 1), seed=0)
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    """A config for seconds-long runs on `tiny_data`."""
+    return TrainConfig(model="mlp", dataset="synthetic", epochs=1, batch_size=16, lr=0.05, progress=False,
+                       eval_batch_size=64, watchdog_s=60.0, out=str(tmp_path / "run"))
+
+
+def replace(config, **changes):
+    return dataclasses.replace(config, **changes)
+
+
+def has_fashion_mnist() -> bool:
+    """True when the Debian package's files exist; with $ASYNCSGD_REQUIRE_REALDATA set (CI, `make
+    test`) their absence fails the real-data tests instead of skipping them."""
+    present = all(os.path.exists(os.path.join(FASHION_DIR, f)) for f in (
+        "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"))
+    if not present and os.environ.get("ASYNCSGD_REQUIRE_REALDATA"):
+        pytest.fail(f"Fashion-MNIST is required (ASYNCSGD_REQUIRE_REALDATA) but missing from {FASHION_DIR}")
+    return present

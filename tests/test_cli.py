@@ -1,0 +1,114 @@
+"""The command line end to end, in subprocesses: outputs, one-line errors and exit codes, Ctrl+C."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+SUMMARY_KEYS = {"trainer", "model", "dataset", "seed", "epochs_completed", "steps", "samples", "wall_time_s",
+                "compile_time_s", "samples_per_s", "test_accuracy", "test_loss", "train_loss", "staleness",
+                "peak_rss_mb", "mfu"}
+
+
+def cli(*args, env=None, timeout=150):
+    return subprocess.run([sys.executable, "-m", "asyncsgd", *args], capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def quick(out, *extra):
+    return ("train", "--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--epochs", "2",
+            "--no-progress", "--out", str(out), *extra)
+
+
+def test_train_writes_config_metrics_updates_and_summary(tmp_path):
+    out = tmp_path / "run"
+    result = cli(*quick(out, "--trainer", "pdasgd", "--log-every", "5"))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert summary["status"] == "complete" and summary["trainer"] == "pdasgd"
+    assert summary["epochs_completed"] == 2 and summary["steps"] == 2 * (2048 // 32)
+    assert summary["samples"] == summary["steps"] * 32
+    assert summary["test_accuracy"] > 0.8
+    assert set(summary["staleness"]) == {"dense1", "dense2", "head"}
+    for stats in summary["staleness"].values():
+        assert {"mean", "p95", "max"} <= set(stats) and stats["max"] <= summary["staleness_bound"]
+    assert summary["updates_per_stage"] == {"dense1": 128, "dense2": 128, "head": 128}
+    assert json.loads((out / "config.json").read_text())["trainer"] == "pdasgd"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    events = {r["event"] for r in records}
+    assert events == {"train", "eval", "staleness"}
+    train_records = [r for r in records if r["event"] == "train"]
+    assert [r["step"] for r in train_records] == list(range(5, 129, 5))
+    assert all("queue_depth" in r for r in train_records)
+    assert [r["epoch"] for r in records if r["event"] == "eval"] == [0, 1]
+    lines = (out / "updates.csv").read_text().splitlines()
+    assert lines[0].startswith("stage,version_read,version_commit,staleness") and len(lines) == 1 + 3 * 128
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--backward-threads", "0"), "--backward-threads must be >= 1"),
+    (("--forward-threads", "-2"), "--forward-threads must be >= 1"),
+    (("--max-inflight", "-1"), "--max-inflight"),
+    (("--lr", "-0.1"), "--lr must be a finite number > 0"),
+    (("--lr", "nan"), "--lr must be a finite number > 0"),
+    (("--trainer", "nope"), "invalid choice: 'nope'"),
+    (("--batch-size", "100000"), "larger than the training set"),
+    (("--epochs", "zero"), "invalid int value"),
+])
+def test_bad_values_give_one_line_and_exit_2(tmp_path, args, fragment):
+    result = cli(*quick(tmp_path / "run", *args))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("asyncsgd: error:") and fragment in lines[0], result.stderr
+
+
+def test_finished_run_is_not_overwritten_without_flag(tmp_path):
+    out = tmp_path / "run"
+    assert cli(*quick(out, "--max-steps", "3")).returncode == 0
+    before = (out / "summary.json").read_text()
+    result = cli(*quick(out, "--max-steps", "5"))
+    assert result.returncode == 2 and "already holds a finished run" in result.stderr
+    assert (out / "summary.json").read_text() == before
+    assert cli(*quick(out, "--max-steps", "5", "--overwrite")).returncode == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 5
+
+
+def test_missing_dataset_offline_is_one_clear_line(tmp_path):
+    result = cli("train", "--dataset", "mnist", "--model", "mlp", "--no-progress", "--out", str(tmp_path / "r"),
+                 env={"ASYNCSGD_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"), "ASYNCSGD_DATA": ""})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "ossci-datasets" in lines[0] and str(tmp_path / "cache") in lines[0]
+
+
+@pytest.mark.parametrize("trainer", ["pdasgd", "sync"])
+def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "asyncsgd", *quick(out, "--trainer", trainer, "--epochs", "500",
+                                                                      "--log-every", "1")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.1)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=10)
+        assert time.monotonic() - sent < 5
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["steps"] >= 3
+    # An interrupted run is not "finished": the same --out may be reused without --overwrite.
+    assert cli(*quick(out, "--max-steps", "2")).returncode == 0
