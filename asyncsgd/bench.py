@@ -1,7 +1,8 @@
 """Side-by-side throughput of trainers in one process, and per-unit timings.
 
 Every trainer runs on the same synthetic data of the model's input shape, with its own freshly
-initialised store, after a few untimed warm-up steps. Ratios to `sync` are the numbers to quote:
+initialised store, after a few untimed warm-up steps; trainers are timed in interleaved rounds and the
+median is reported, because this shared 2-core machine drifts by 10% and more between minutes. Ratios to `sync` are the numbers to quote:
 absolute times on a shared 2-core machine move from run to run, ratios taken minutes apart much less.
 """
 
@@ -15,6 +16,7 @@ from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from asyncsgd.config import ConfigError, TrainConfig, validate
 from asyncsgd.data import synthetic
@@ -23,34 +25,49 @@ from asyncsgd.run import build_session
 from asyncsgd.trainers import EpochPlan, get_trainer
 
 
-def bench_trainer(config: TrainConfig, steps: int, warmup_steps: int = 5) -> dict:
-    """Times `steps` training steps of `config.trainer` (after `warmup_steps` untimed ones)."""
-    dataset = synthetic(num_train=config.batch_size * max(steps, warmup_steps), num_test=config.batch_size,
-                        input_shape=(28, 28, 1), seed=config.seed).normalized()
-    session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False))
-    run_epoch = get_trainer(config.trainer)
-    run_epoch(session, EpochPlan(0, 0, warmup_steps))
-    session.recorder.tick()
-    done_before = session.recorder.steps
-    start = time.perf_counter()
-    run_epoch(session, EpochPlan(1, warmup_steps, steps))
-    elapsed = time.perf_counter() - start
-    session.recorder.tick()
-    timed_steps = session.recorder.steps - done_before
-    staleness = session.recorder.staleness()
-    flops = session.units.step_flops(session.store.params(), [s.opt_state for s in session.store.snapshot()],
-                                     config.batch_size)
-    return {
-        "trainer": config.trainer,
-        "steps": timed_steps,
-        "seconds": elapsed,
-        "samples_per_s": timed_steps * config.batch_size / elapsed,
-        "flops_per_step": flops,
-        "staleness_mean": max((s["mean"] for s in staleness.values()), default=0.0),
-        "staleness_max": max((s["max"] for s in staleness.values()), default=0),
-        "residual_mb_per_item": session.units.residual_bytes / 2 ** 20,
-        "max_trace_count": session.units.max_trace_count(),
-    }
+class _Contender:
+    """One trainer's compiled session, timed in rounds."""
+
+    def __init__(self, config: TrainConfig, steps: int, warmup_steps: int):
+        dataset = synthetic(num_train=config.batch_size * max(steps, warmup_steps), num_test=config.batch_size,
+                            input_shape=(28, 28, 1), seed=config.seed).normalized()
+        self.config = config
+        self.session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False))
+        self.run_epoch = get_trainer(config.trainer)
+        self.next_seq, self.rounds = 0, 0
+        self.samples_per_s: list[float] = []
+        self._run(warmup_steps)  # untimed: first dispatches, thread start-up
+
+    def _run(self, steps: int) -> tuple[int, float]:
+        recorder = self.session.recorder
+        done_before = recorder.steps
+        start = time.perf_counter()
+        self.run_epoch(self.session, EpochPlan(self.rounds, self.next_seq, steps))
+        elapsed = time.perf_counter() - start
+        recorder.tick()
+        self.next_seq += steps
+        self.rounds += 1
+        return recorder.steps - done_before, elapsed
+
+    def time_round(self, steps: int) -> None:
+        done, elapsed = self._run(steps)
+        self.samples_per_s.append(done * self.config.batch_size / elapsed)
+
+    def row(self) -> dict:
+        session = self.session
+        staleness = session.recorder.staleness()
+        flops = session.units.step_flops(session.store.params(), [s.opt_state for s in session.store.snapshot()],
+                                         self.config.batch_size)
+        return {
+            "trainer": self.config.trainer,
+            "samples_per_s": float(np.median(self.samples_per_s)),
+            "samples_per_s_rounds": self.samples_per_s,
+            "flops_per_step": flops,
+            "staleness_mean": max((s["mean"] for s in staleness.values()), default=0.0),
+            "staleness_max": max((s["max"] for s in staleness.values()), default=0),
+            "residual_mb_per_item": session.units.residual_bytes / 2 ** 20,
+            "max_trace_count": session.units.max_trace_count(),
+        }
 
 
 def unit_timings(config: TrainConfig, repeats: int = 10) -> list[dict]:
@@ -99,23 +116,30 @@ def unit_timings(config: TrainConfig, repeats: int = 10) -> list[dict]:
 
 
 def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[str] = None,
-          with_units: bool = False) -> dict:
-    """Benchmarks `trainers` one after another and returns rows with ratios to `sync` and MFU."""
+          with_units: bool = False, rounds: int = 3) -> dict:
+    """Benchmarks `trainers` side by side and returns rows with ratios to `sync` and MFU.
+
+    Every trainer is compiled first; then `rounds` rounds each time `steps` steps of every trainer in
+    turn, so slow drifts of a shared machine hit all trainers alike. Reported: the median per trainer.
+    """
     for name in trainers:
         validate(dataclasses.replace(base, trainer=name))
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
+    if steps < 1 or rounds < 1:
+        raise ConfigError(f"--steps and --rounds must be >= 1, got {steps} and {rounds}")
     peak = measure_peak_flops()
-    rows = []
-    for name in trainers:
-        row = bench_trainer(dataclasses.replace(base, trainer=name, progress=False), steps)
+    contenders = [_Contender(dataclasses.replace(base, trainer=name, progress=False), steps, warmup_steps=3)
+                  for name in trainers]
+    for _ in range(rounds):
+        for contender in contenders:
+            contender.time_round(steps)
+    rows = [c.row() for c in contenders]
+    for row in rows:
         row["mfu"] = row["flops_per_step"] * row["samples_per_s"] / base.batch_size / peak
-        rows.append(row)
     reference = next((r["samples_per_s"] for r in rows if r["trainer"] == "sync"), None)
     for row in rows:
         row["ratio_to_sync"] = row["samples_per_s"] / reference if reference else float("nan")
-    result = {"model": base.model, "batch_size": base.batch_size, "steps": steps, "peak_flops": peak,
-              "residuals": base.residuals, "peak_rss_mb": peak_rss_mb(), "rows": rows,
+    result = {"model": base.model, "batch_size": base.batch_size, "steps": steps, "rounds": rounds,
+              "peak_flops": peak, "residuals": base.residuals, "peak_rss_mb": peak_rss_mb(), "rows": rows,
               "config": dataclasses.asdict(base)}
     if with_units:
         result["units"] = unit_timings(base)
@@ -130,15 +154,16 @@ def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[
 
 def format_bench(result: dict) -> str:
     """The bench result as a markdown table."""
-    lines = [f"model {result['model']}, batch {result['batch_size']}, {result['steps']} timed steps, "
+    lines = [f"model {result['model']}, batch {result['batch_size']}, median of {result['rounds']} rounds of "
+             f"{result['steps']} steps per trainer, "
              f"residuals {result['residuals']}, peak {result['peak_flops'] / 1e9:.0f} GFLOP/s (matmul)",
              "",
-             "| trainer | samples/s | ratio to sync | MFU | staleness mean/max | residual MB/item |",
-             "|---|---:|---:|---:|---:|---:|"]
+             "| trainer | samples/s | ratio to sync | MFU | staleness mean/max | residual MB/item | rounds (samples/s) |",
+             "|---|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         lines.append(f"| {r['trainer']} | {r['samples_per_s']:.0f} | {r['ratio_to_sync']:.2f}x | "
                      f"{100 * r['mfu']:.1f}% | {r['staleness_mean']:.2f}/{r['staleness_max']} | "
-                     f"{r['residual_mb_per_item']:.1f} |")
+                     f"{r['residual_mb_per_item']:.1f} | {' '.join(f'{v:.0f}' for v in r['samples_per_s_rounds'])} |")
     if "units" in result:
         lines += ["", "| stage | forward ms | backward+update ms |", "|---|---:|---:|"]
         for u in result["units"]:

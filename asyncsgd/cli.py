@@ -51,6 +51,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
     g.add_argument("--nesterov", action="store_true")
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+                   help="linear learning-rate warm-up over the first N updates of each stage")
     g = parser.add_argument_group("asynchronous trainers")
     g.add_argument("--forward-threads", type=int, default=d.forward_threads, help="pdasgd/dasgd forward workers")
     g.add_argument("--backward-threads", type=int, default=d.backward_threads,
@@ -59,6 +61,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
                    help="items a forward pass may run ahead of the oldest unfinished backward "
                         "(0: one at a time, deterministic with 1 forward and 1 backward thread); "
                         "staleness is at most 2x this")
+    g.add_argument("--no-stage-sync", action="store_false", dest="stage_sync",
+                   help="pdasgd/dasgd workers dispatch whole passes instead of waiting stage by stage")
     g.add_argument("--workers", type=int, default=d.workers, help="hogwild worker threads")
     g.add_argument("--residuals", choices=RESIDUAL_MODES, default=d.residuals,
                    help="stash the forward's pullback, or recompute it at the current parameters")
@@ -92,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(p, model_default="mlp", epochs_default=1)
     p = sub.add_parser("bench", help="throughput of several trainers side by side on synthetic data")
     p.add_argument("--trainers", type=_trainer_list, default=["sync", "layerwise", "pdasgd", "dasgd", "hogwild"])
-    p.add_argument("--steps", type=int, default=30, help="timed steps per trainer")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per trainer and round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
     p.add_argument("--unit-times", action="store_true", help="also time each stage's units in isolation")
     _add_run_flags(p, model_default="cnn", epochs_default=1)
     return parser
@@ -109,7 +114,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     if args.command == "bench":
         from asyncsgd.bench import bench, format_bench
         config = _config_from(args, dataset="synthetic", out=None)
-        result = bench(config, args.trainers, args.steps, out=args.out, with_units=args.unit_times)
+        result = bench(config, args.trainers, args.steps, out=args.out, with_units=args.unit_times,
+                       rounds=args.rounds)
         print(format_bench(result))
         return 0
     config = _config_from(args, trainer=getattr(args, "trainer", "sync"))

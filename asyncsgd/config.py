@@ -45,6 +45,7 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str = "constant"
+    warmup_steps: int = 0
     seed: int = 0
     data_dir: Optional[str] = None
     out: Optional[str] = None
@@ -57,6 +58,10 @@ class TrainConfig:
     max_inflight: int = 4
     workers: int = 2
     residuals: str = "stash"
+    # Async workers wait for each stage's result before the next stage (True), or dispatch whole passes
+    # and let XLA's runtime order them by data dependencies (False). Versions and staleness are exact
+    # either way (they follow dispatch order); see README "Measured on this machine".
+    stage_sync: bool = True
     # Plumbing.
     eval_every: int = 1
     log_every: int = 20
@@ -99,6 +104,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _require(0.0 <= config.momentum < 1.0, f"--momentum must be in [0, 1), got {config.momentum}")
     _require(math.isfinite(config.weight_decay) and config.weight_decay >= 0,
              f"--weight-decay must be >= 0, got {config.weight_decay}")
+    _require(config.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {config.warmup_steps}")
     _require(config.train_subset is None or config.train_subset >= 1,
              f"--train-subset must be >= 1, got {config.train_subset}")
     _require(config.forward_threads >= 1, f"--forward-threads must be >= 1, got {config.forward_threads}")

@@ -62,7 +62,7 @@ def peak_rss_mb() -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+def measure_peak_flops(size: int = 2048, repeats: int = 12) -> float:
     """Best-of-`repeats` f32 matmul throughput (FLOP/s) of the default device: the MFU roof."""
     import jax
     import jax.numpy as jnp

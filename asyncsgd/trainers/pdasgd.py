@@ -15,6 +15,8 @@ after another and the result equals `layerwise` exactly (the deterministic mode)
 
 from __future__ import annotations
 
+import jax
+
 from asyncsgd.trainers.passes import backward_pass, forward_pass
 from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
 from asyncsgd.workers import Channel, Window
@@ -29,7 +31,7 @@ def _forward_worker(worker, session: Session, batches, items, window: Window) ->
     while True:
         batch = worker.get(batches)
         window.acquire(worker, batch.seq)
-        item = forward_pass(worker, session, batch, sync_each_stage=True)
+        item = forward_pass(worker, session, batch, sync_each_stage=session.config.stage_sync)
         worker.beat(f"handing off item {batch.seq}")
         worker.put(items, item)
 
@@ -37,8 +39,8 @@ def _forward_worker(worker, session: Session, batches, items, window: Window) ->
 def _backward_worker(worker, session: Session, items, window: Window, layerwise: bool) -> None:
     while True:
         item = worker.get(items)
-        backward_pass(worker, session, item, layerwise=layerwise, sync_each_stage=True)
-        item.loss.block_until_ready()  # cheap: computed long ago by the forward worker
+        last = backward_pass(worker, session, item, layerwise=layerwise, sync_each_stage=session.config.stage_sync)
+        jax.block_until_ready((last, item.loss))  # blocks: an item is finished once its whole backward ran
         window.release(item.seq)
         session.recorder.item_done(item.seq, item.loss)
 
