@@ -241,8 +241,7 @@ class Crew:
                 if tick is not None and time.monotonic() >= next_tick:
                     tick()
                     next_tick = time.monotonic() + tick_every_s
-                # Short sleeps keep the main thread responsive to Ctrl+C.
-                self._threads[0].join(_POLL_S) if len(self._threads) == 1 else time.sleep(_POLL_S)
+                time.sleep(_POLL_S)  # short sleeps keep the main thread responsive to Ctrl+C
         except BaseException:
             self._join()
             raise

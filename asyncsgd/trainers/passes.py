@@ -77,10 +77,10 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             def update(params, opt_state, index=index, residuals=residuals, dy=dy):
                 return units.backward_update[index](params, opt_state, residuals, dy)
             commit = store.commit(index, update)
-            new_params, _, dy = commit.after.params, None, commit.extra
+            dy = commit.extra
             recorder.record_update(Update(index, item.versions_read[index], commit.before.version,
                                           worker.name, item.times_read[index], time.perf_counter()))
-            last = dy if dy is not None else new_params
+            last = dy if dy is not None else commit.after.params
         else:
             # Recompute mode differentiates at the current parameters; stash mode ignores them.
             grads[index], dy = units.backward[index](store.read(index).params, residuals, dy)
