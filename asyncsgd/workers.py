@@ -253,34 +253,40 @@ class Crew:
 
 
 class Window:
-    """Bounds how far item `seq` may run ahead: it may start only once item `seq - size` has finished.
+    """Bounds run-ahead: item `seq` may start only once *every* item up to `seq - size` has finished.
 
-    Sequence numbers are handed out in order by the data stream, so every wait points at a smaller
-    number and waits cannot form a cycle. With `size == 1` items run strictly one after another.
+    Sequence numbers are handed out in order by the data stream, so every wait points at smaller
+    numbers and waits cannot form a cycle. With `size == 1` items run strictly one after another.
+    (A wait on item `seq - size` alone would not do: items finish out of order, and an older straggler
+    could then commit arbitrarily late.)
     """
 
     def __init__(self, size: int, first_seq: int = 0):
         if size < 1:
             raise ValueError(f"window size must be >= 1, got {size}")
         self.size = size
-        self.first_seq = first_seq
-        self._done: dict[int, threading.Event] = {}
-        self._lock = threading.Lock()
-
-    def _event(self, seq: int) -> threading.Event:
-        with self._lock:
-            event = self._done.get(seq)
-            if event is None:
-                event = self._done[seq] = threading.Event()
-            return event
+        self._done_through = first_seq - 1  # every item <= this has finished
+        self._finished: set[int] = set()    # finished items above the low-water mark
+        self._changed = threading.Condition()
 
     def acquire(self, worker: Worker, seq: int) -> None:
-        """Blocks `worker` until item `seq - size` has been released."""
+        """Blocks `worker` until every item up to `seq - size` has been released."""
         older = seq - self.size
-        if older >= self.first_seq:
-            worker.wait(self._event(older), f"window (item {older} to finish)")
-            with self._lock:
-                self._done.pop(older, None)
+        if self._done_through >= older:
+            return
+        worker.waiting_on = f"window (items up to {older} to finish)"
+        try:
+            with self._changed:
+                while self._done_through < older:
+                    worker.check()
+                    self._changed.wait(_POLL_S)
+        finally:
+            worker.waiting_on = None
 
     def release(self, seq: int) -> None:
-        self._event(seq).set()
+        with self._changed:
+            self._finished.add(seq)
+            while self._done_through + 1 in self._finished:
+                self._done_through += 1
+                self._finished.discard(self._done_through)
+            self._changed.notify_all()

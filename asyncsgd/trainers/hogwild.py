@@ -3,7 +3,7 @@ each committing the whole model to the shared store (Niu et al. 2011, as a peer 
 
 Reads are per stage and lock-free, so a worker may see stages from different moments, as in
 Hogwild!; the whole-model commit is atomic so no update is lost. The same window as `pdasgd` bounds
-run-ahead: item n starts only after item n - max(K, max_inflight + 1) has been committed.
+run-ahead: item n starts only after every item up to n - max(K, max_inflight + 1) has been committed.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ items and walk the stages from the top: `pdasgd` commits stage l the moment its 
 (layer-wise partial updates, the paper's method); `dasgd` commits the whole model once the full
 backward is done (the paper's block-update ablation).
 
-Run-ahead is bounded by a window: item n may start its forward pass only after item
+Run-ahead is bounded by a window: item n may start its forward pass only after every item up to
 n - (max_inflight + 1) has been fully committed. Every update a stage receives between an item's
 read and its commit then comes from the 2 * max_inflight items around it, so the staleness of every
 update is at most 2 * max_inflight. With F = B = 1 and max_inflight = 0 the items run strictly one
