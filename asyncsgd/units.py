@@ -157,8 +157,7 @@ class Units:
 
         Args:
           groups: which units a trainer will call (default: all of `UNIT_GROUPS`): "stages" (forward,
-            loss_grad, backward_update), "stages_split" (forward, loss_grad, backward, update,
-            model_update), "train_step", "model_grad" (model_grad, model_update). `evaluate` always.
+            loss_grad, backward_update), "stages_split" (forward, loss_grad, backward, model_update), "train_step", "model_grad" (model_grad, model_update). `evaluate` always.
         """
         groups = set(UNIT_GROUPS if groups is None else groups)
         unknown = groups - set(UNIT_GROUPS)
@@ -186,7 +185,6 @@ class Units:
                 dy, grads = dy_top, [None] * len(params)
                 for index in reversed(range(len(self.forward))):
                     grads[index], dy = self.backward[index](params[index], residuals[index], dy)
-                    outputs.append(self.update[index](params[index], opt_states[index], grads[index]))
                 outputs.append(self.model_update(params, opt_states, grads))
         if "train_step" in groups:
             outputs.append(self.train_step(params, opt_states, x0, labels))
