@@ -1,9 +1,9 @@
 """Side-by-side throughput of trainers in one process, and per-unit timings.
 
 Every trainer runs on the same synthetic data of the model's input shape, with its own freshly
-initialised store, after a few untimed warm-up steps; trainers are timed in interleaved rounds and the
-median is reported, because this shared 2-core machine drifts by 10% and more between minutes. Ratios to `sync` are the numbers to quote:
-absolute times on a shared 2-core machine move from run to run, ratios taken minutes apart much less.
+initialised store, after a few untimed warm-up steps. Trainers are timed in interleaved rounds and the
+median is reported, because this shared 2-core machine drifts by 10% and more between minutes; ratios
+to `sync` are the numbers to quote.
 """
 
 from __future__ import annotations
@@ -56,13 +56,10 @@ class _Contender:
     def row(self) -> dict:
         session = self.session
         staleness = session.recorder.staleness()
-        flops = session.units.step_flops(session.store.params(), [s.opt_state for s in session.store.snapshot()],
-                                         self.config.batch_size)
         return {
             "trainer": self.config.trainer,
             "samples_per_s": float(np.median(self.samples_per_s)),
             "samples_per_s_rounds": self.samples_per_s,
-            "flops_per_step": flops,
             "staleness_mean": max((s["mean"] for s in staleness.values()), default=0.0),
             "staleness_max": max((s["max"] for s in staleness.values()), default=0),
             "residual_mb_per_item": session.units.residual_bytes / 2 ** 20,
@@ -106,8 +103,7 @@ def unit_timings(config: TrainConfig, repeats: int = 10) -> list[dict]:
             "backward_update_s": timed(lambda: units.backward_update[index](slot.params, slot.opt_state,
                                                                             residuals[index], douts[index])),
         })
-    params = store.params()
-    opts = [s.opt_state for s in store.snapshot()]
+    params, opts = store.params(), store.opt_states()
     xb = jnp.asarray(dataset.train_x[: config.batch_size])
     yb = jnp.asarray(dataset.train_y[: config.batch_size])
     rows.append({"stage": "(whole step, sync)", "forward_s": float("nan"),
@@ -133,8 +129,12 @@ def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[
         for contender in contenders:
             contender.time_round(steps)
     rows = [c.row() for c in contenders]
+    # One FLOP count per model and batch, the same for every trainer (DESIGN.md).
+    store = contenders[0].session.store
+    flops = contenders[0].session.units.step_flops(store.params(), store.opt_states(), base.batch_size)
     for row in rows:
-        row["mfu"] = row["flops_per_step"] * row["samples_per_s"] / base.batch_size / peak
+        row["flops_per_step"] = flops
+        row["mfu"] = flops * row["samples_per_s"] / base.batch_size / peak
     reference = next((r["samples_per_s"] for r in rows if r["trainer"] == "sync"), None)
     for row in rows:
         row["ratio_to_sync"] = row["samples_per_s"] / reference if reference else float("nan")

@@ -143,7 +143,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
     units, store, recorder = session.units, session.store, session.recorder
     run_epoch = get_trainer(config.trainer)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
-    flops_per_step = units.step_flops(store.params(), [s.opt_state for s in store.snapshot()], config.batch_size)
+    flops_per_step = units.step_flops(store.params(), store.opt_states(), config.batch_size)
     peak_flops = measure_peak_flops()
     status, epochs_completed = "failed", 0
     test_loss = test_accuracy = float("nan")

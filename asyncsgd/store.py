@@ -111,5 +111,8 @@ class ParamStore:
     def params(self) -> list:
         return [slot.params for slot in self.snapshot()]
 
+    def opt_states(self) -> list:
+        return [slot.opt_state for slot in self.snapshot()]
+
     def versions(self) -> list[int]:
         return [slot.version for slot in self.snapshot()]

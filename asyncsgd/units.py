@@ -157,7 +157,8 @@ class Units:
 
         Args:
           groups: which units a trainer will call (default: all of `UNIT_GROUPS`): "stages" (forward,
-            loss_grad, backward_update), "stages_split" (forward, loss_grad, backward, model_update), "train_step", "model_grad" (model_grad, model_update). `evaluate` always.
+            loss_grad, backward_update), "stages_split" (forward, loss_grad, backward, model_update),
+            "train_step", "model_grad" (model_grad, model_update). `evaluate` is always compiled.
         """
         groups = set(UNIT_GROUPS if groups is None else groups)
         unknown = groups - set(UNIT_GROUPS)

@@ -1,0 +1,22 @@
+"""The benchmark: every trainer timed in interleaved rounds, ratios to sync, one FLOP count for all."""
+
+import pytest
+
+from asyncsgd.bench import bench, format_bench
+from asyncsgd.config import TrainConfig
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def test_bench_rows_ratios_and_table(tmp_path):
+    base = TrainConfig(model="mlp", dataset="synthetic", batch_size=32, progress=False)
+    result = bench(base, ["sync", "pdasgd"], steps=4, rounds=2, out=str(tmp_path))
+    rows = {row["trainer"]: row for row in result["rows"]}
+    assert set(rows) == {"sync", "pdasgd"}
+    assert rows["sync"]["ratio_to_sync"] == 1.0
+    assert rows["pdasgd"]["ratio_to_sync"] == rows["pdasgd"]["samples_per_s"] / rows["sync"]["samples_per_s"]
+    assert all(len(row["samples_per_s_rounds"]) == 2 and row["max_trace_count"] == 1 for row in rows.values())
+    assert rows["sync"]["staleness_max"] == 0 and rows["pdasgd"]["staleness_max"] <= 2 * base.max_inflight
+    assert rows["sync"]["flops_per_step"] == rows["pdasgd"]["flops_per_step"] > 0
+    assert (tmp_path / "bench.json").exists()
+    assert (tmp_path / "bench.md").read_text().strip() == format_bench(result)
