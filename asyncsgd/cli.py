@@ -136,8 +136,13 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     return 0
 
 
-def _sigterm(signum, frame):  # SIGTERM behaves like Ctrl+C: stop, write outputs, exit 130
-    raise KeyboardInterrupt()
+def _sigterm(signum, frame):
+    """SIGTERM behaves like Ctrl+C (whatever SIGINT does right now): stop, write outputs, exit 130."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -9,14 +9,19 @@ The coordinating (main) thread calls `Crew.run()`, which
     after stopping and joining every thread;
   * raises `StallError` when no worker has made progress for `watchdog_s` seconds, naming the workers
     that were not merely waiting on a channel;
-  * on Ctrl+C (KeyboardInterrupt in the main thread) stops and joins every worker, then re-raises;
+  * on Ctrl+C stops and joins every worker, then raises KeyboardInterrupt. While a crew runs in the
+    main thread, the first SIGINT only sets the stop event (a KeyboardInterrupt raised at an arbitrary
+    point, say while threads are being started, could leave a daemon thread inside an XLA call at
+    interpreter exit, which aborts the process); a second SIGINT goes to the previous handler;
   * calls `tick()` periodically (progress bars, queue-depth sampling).
 No thread outlives `run()`: it only returns after every worker has been joined.
 """
 
 from __future__ import annotations
 
+import contextlib
 import queue
+import signal
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
@@ -146,17 +151,20 @@ class Crew:
     Args:
       name: used in thread names and messages.
       watchdog_s: raise `StallError` after this many seconds without any worker's `beat()`.
+      join_timeout_s: how long a stop waits for the threads to finish.
     """
 
-    def __init__(self, name: str, watchdog_s: float = 120.0):
+    def __init__(self, name: str, watchdog_s: float = 120.0, join_timeout_s: float = 10.0):
         self.name = name
         self.watchdog_s = watchdog_s
+        self.join_timeout_s = join_timeout_s
         self.stop_event = threading.Event()
         self.last_progress = time.monotonic()
         self._threads: list[threading.Thread] = []
         self._workers: list[Worker] = []
         self._error: Optional[tuple[Worker, BaseException]] = None
         self._error_lock = threading.Lock()
+        self._interrupted = False
 
     @property
     def workers(self) -> list[Worker]:
@@ -197,14 +205,48 @@ class Crew:
     def alive(self) -> list[str]:
         return [t.name for t in self._threads if t.is_alive()]
 
-    def _join(self, timeout_s: float = 10.0) -> None:
+    def _join(self, raise_if_alive: bool = True) -> None:
+        """Stops and joins every started thread; a Ctrl+C meanwhile is held until they are joined.
+
+        With `raise_if_alive=False` (an error is already on its way out) threads still alive after
+        `join_timeout_s` are left as they are instead of raising about them.
+        """
         self.stop_event.set()
+        timeout_s = self.join_timeout_s
         deadline = time.monotonic() + timeout_s
+        interrupted = False
         for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            while thread.ident is not None and thread.is_alive() and time.monotonic() < deadline:
+                try:
+                    thread.join(max(0.0, deadline - time.monotonic()))
+                except KeyboardInterrupt:
+                    interrupted = True
         left = self.alive()
-        if left:
+        if left and raise_if_alive:
             raise WorkerError(f"{self.name}: threads still alive {timeout_s:.0f}s after stop: {', '.join(left)}")
+        if interrupted:
+            raise KeyboardInterrupt()
+
+    @contextlib.contextmanager
+    def _deferred_interrupts(self):
+        """In the main thread: the first SIGINT sets the stop event; a second one acts as before."""
+        previous = signal.getsignal(signal.SIGINT)
+        if threading.current_thread() is not threading.main_thread() or not callable(previous):
+            yield
+            return
+
+        def on_sigint(signum, frame):
+            if self._interrupted:
+                previous(signum, frame)
+                return
+            self._interrupted = True
+            self.stop_event.set()
+
+        signal.signal(signal.SIGINT, on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def _raise_worker_error(self) -> None:
         worker, exc = self._error
@@ -228,26 +270,27 @@ class Crew:
         self.last_progress = time.monotonic()
         for worker in self._workers:
             worker.last_beat = self.last_progress
-        for thread in self._threads:
-            thread.start()
         next_tick = 0.0
-        try:
-            while True:
-                if self._error is not None:
-                    break
-                if not any(t.is_alive() for t in self._threads):
-                    break
-                self._check_stall()
-                if tick is not None and time.monotonic() >= next_tick:
-                    tick()
-                    next_tick = time.monotonic() + tick_every_s
-                time.sleep(_POLL_S)  # short sleeps keep the main thread responsive to Ctrl+C
-        except BaseException:
+        with self._deferred_interrupts():
+            try:
+                for thread in self._threads:
+                    thread.start()
+                while self._error is None and not self._interrupted:
+                    if not any(t.is_alive() for t in self._threads):
+                        break
+                    self._check_stall()
+                    if tick is not None and time.monotonic() >= next_tick:
+                        tick()
+                        next_tick = time.monotonic() + tick_every_s
+                    time.sleep(_POLL_S)
+            except BaseException:
+                self._join(raise_if_alive=False)  # the error on its way out is the news
+                raise
             self._join()
-            raise
-        self._join()
         if self._error is not None:
             self._raise_worker_error()
+        if self._interrupted:
+            raise KeyboardInterrupt()
         if tick is not None:
             tick()
 

@@ -88,8 +88,9 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path):
     assert len(lines) == 1 and "ossci-datasets" in lines[0] and str(tmp_path / "cache") in lines[0]
 
 
-@pytest.mark.parametrize("trainer", ["pdasgd", "sync"])
-def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer):
+@pytest.mark.parametrize("trainer, signum", [("pdasgd", signal.SIGINT), ("sync", signal.SIGINT),
+                                             ("pdasgd", signal.SIGTERM)])
+def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer, signum):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "asyncsgd", *quick(out, "--trainer", trainer, "--epochs", "500",
                                                                       "--log-every", "1")],
@@ -101,13 +102,13 @@ def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer):
             assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
             time.sleep(0.1)
         sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         proc.wait(timeout=10)
         assert time.monotonic() - sent < 5
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 130
+    assert proc.returncode == 130, proc.stderr.read()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] >= 3
     # An interrupted run is not "finished": the same --out may be reused without --overwrite.

@@ -1,5 +1,6 @@
 """The worker skeleton: errors reach the coordinator with names, stalls are caught, streams end cleanly."""
 
+import signal
 import threading
 import time
 
@@ -57,7 +58,7 @@ def test_worker_exception_surfaces_with_worker_and_activity_and_stops_everyone()
 
 
 def test_watchdog_names_the_stuck_worker():
-    crew = Crew("t", watchdog_s=0.5)
+    crew = Crew("t", watchdog_s=0.5, join_timeout_s=0.5)
     release = threading.Event()
     channel = Channel("c", maxsize=1)
 
@@ -70,6 +71,7 @@ def test_watchdog_names_the_stuck_worker():
     try:
         with pytest.raises(StallError, match=r"forward-0 stuck while computing forever.*backward-0 waiting on channel c"):
             crew.run()
+        assert crew.alive() == ["t/forward-0"]  # truly stuck: reported, not waited for forever
     finally:
         release.set()
 
@@ -123,3 +125,44 @@ def test_window_lets_item_start_only_after_every_item_up_to_minus_size_finished(
     for seq in range(2, 12):
         for older in range(seq - 1):
             assert position[("end", older)] < position[("start", seq)]
+
+
+def test_ctrl_c_while_threads_are_starting_still_joins_every_thread():
+    # The interrupt arrives while the coordinator is still starting workers (the first worker sends
+    # it); it must neither leave started threads running nor skip the stop: a daemon thread left in
+    # an XLA call at interpreter exit aborts the process (seen in CI as exit -6 instead of 130).
+    import _thread
+    crew = Crew("t", watchdog_s=30)
+    steps = []
+
+    def spinner(worker, index):
+        if index == 0:
+            _thread.interrupt_main()
+        while True:
+            worker.check()
+            steps.append(index)
+            time.sleep(0.001)
+
+    for index in range(16):
+        crew.spawn(f"w{index}", spinner, index)
+    with pytest.raises(KeyboardInterrupt):
+        crew.run()
+    assert crew.alive() == []
+    assert {w.doing for w in crew.workers} <= {"stopped", "starting"}
+
+
+def test_ctrl_c_defers_to_a_clean_stop_and_then_raises():
+    import _thread
+    crew = Crew("t", watchdog_s=30)
+    channel = Channel("c", maxsize=1)
+    received = []
+    crew.spawn("producer", _producer, channel, 10 ** 9, closes=[channel])
+    crew.spawn("consumer", _consumer, channel, received)
+    timer = threading.Timer(0.3, _thread.interrupt_main)
+    timer.start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        crew.run()
+    assert time.monotonic() - start < 5 and crew.alive() == [] and len(received) > 0
+    assert {w.doing for w in crew.workers} == {"stopped"}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored after the run
