@@ -1,6 +1,6 @@
 """Side-by-side throughput of trainers in one process, and per-unit timings.
 
-Every trainer runs on the same synthetic data of the model's input shape, with its own freshly
+Every trainer runs on the same synthetic data with the shapes of `--dataset` (images or tokens), with its own freshly
 initialised store, after a few untimed warm-up steps. Trainers are timed in interleaved rounds and the
 median is reported, because this shared 2-core machine drifts by 10% and more between minutes; ratios
 to `sync` are the numbers to quote.
@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from asyncsgd.config import ConfigError, TrainConfig, validate
-from asyncsgd.data import synthetic
+from asyncsgd.data import synthetic_like
 from asyncsgd.metrics import JsonlWriter, measure_peak_flops, peak_rss_mb
 from asyncsgd.run import build_session
 from asyncsgd.trainers import EpochPlan, get_trainer
@@ -29,8 +29,7 @@ class _Contender:
     """One trainer's compiled session, timed in rounds."""
 
     def __init__(self, config: TrainConfig, steps: int, warmup_steps: int):
-        dataset = synthetic(num_train=config.batch_size * max(steps, warmup_steps), num_test=config.batch_size,
-                            input_shape=(28, 28, 1), seed=config.seed).normalized()
+        dataset = _bench_data(config, config.batch_size * max(steps, warmup_steps))
         self.config = config
         self.session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False))
         self.run_epoch = get_trainer(config.trainer)
@@ -67,17 +66,26 @@ class _Contender:
         }
 
 
-def unit_timings(config: TrainConfig, repeats: int = 10) -> list[dict]:
-    """Mean seconds of each stage's forward and fused backward+update unit, run in isolation."""
-    dataset = synthetic(num_train=config.batch_size, num_test=config.batch_size, input_shape=(28, 28, 1))
-    session, _ = build_session(config, dataset.normalized(), dict(writer=JsonlWriter(None), progress=False),
+def _bench_data(config: TrainConfig, num_train: int):
+    return synthetic_like(config.dataset, num_train, config.batch_size, seed=config.seed, max_len=config.max_len,
+                          vocab_size=config.vocab_size).normalized()
+
+
+def unit_timings(config: TrainConfig, repeats: int = 10, session_out: Optional[list] = None) -> list[dict]:
+    """Mean seconds of each stage's forward and fused backward+update unit, run in isolation, then
+    their sums (one batch's forward and backward through the units) and the whole sync step."""
+    dataset = _bench_data(config, config.batch_size)
+    session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False),
                                unit_groups=("stages", "train_step"))
+    if session_out is not None:
+        session_out.append(session)
     units, store = session.units, session.store
     x = jnp.asarray(dataset.train_x[: config.batch_size])
     inputs, residuals = [], []
     for index in range(len(store)):
         inputs.append(x)
-        x, res = units.forward[index](store.read(index).params, x)
+        slot = store.read(index)
+        x, res, _ = units.forward[index](slot.params, slot.state, x)
         residuals.append(res)
     _, dy = units.loss_grad(x, jnp.asarray(dataset.train_y[: config.batch_size]))
     douts = [None] * len(store)
@@ -99,15 +107,17 @@ def unit_timings(config: TrainConfig, repeats: int = 10) -> list[dict]:
         slot = store.read(index)
         rows.append({
             "stage": name,
-            "forward_s": timed(lambda: units.forward[index](slot.params, inputs[index])),
+            "forward_s": timed(lambda: units.forward[index](slot.params, slot.state, inputs[index])),
             "backward_update_s": timed(lambda: units.backward_update[index](slot.params, slot.opt_state,
                                                                             residuals[index], douts[index])),
         })
-    params, opts = store.params(), store.opt_states()
+    rows.append({"stage": "(all stages)", "forward_s": sum(r["forward_s"] for r in rows),
+                 "backward_update_s": sum(r["backward_update_s"] for r in rows)})
+    params, opts, states = store.params(), store.opt_states(), store.states()
     xb = jnp.asarray(dataset.train_x[: config.batch_size])
     yb = jnp.asarray(dataset.train_y[: config.batch_size])
     rows.append({"stage": "(whole step, sync)", "forward_s": float("nan"),
-                 "backward_update_s": timed(lambda: units.train_step(params, opts, xb, yb))})
+                 "backward_update_s": timed(lambda: units.train_step(params, opts, states, xb, yb))})
     return rows
 
 
@@ -131,14 +141,17 @@ def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[
     rows = [c.row() for c in contenders]
     # One FLOP count per model and batch, the same for every trainer (DESIGN.md).
     store = contenders[0].session.store
-    flops = contenders[0].session.units.step_flops(store.params(), store.opt_states(), base.batch_size)
+    flops = contenders[0].session.units.step_flops(store.params(), store.opt_states(), store.states(),
+                                                   base.batch_size)
     for row in rows:
         row["flops_per_step"] = flops
         row["mfu"] = flops * row["samples_per_s"] / base.batch_size / peak
     reference = next((r["samples_per_s"] for r in rows if r["trainer"] == "sync"), None)
     for row in rows:
         row["ratio_to_sync"] = row["samples_per_s"] / reference if reference else float("nan")
-    result = {"model": base.model, "batch_size": base.batch_size, "steps": steps, "rounds": rounds,
+    result = {"model": base.model, "dataset_shape": base.dataset, "batch_size": base.batch_size,
+              "flops_per_example": flops / base.batch_size,
+              "stages": len(contenders[0].session.model.stages), "steps": steps, "rounds": rounds,
               "peak_flops": peak, "residuals": base.residuals, "peak_rss_mb": peak_rss_mb(), "rows": rows,
               "config": dataclasses.asdict(base)}
     if with_units:
@@ -152,9 +165,67 @@ def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[
     return result
 
 
+NATURAL_DATASET = {"mlp": "fashion_mnist", "cnn": "fashion_mnist", "resnet18": "cifar10", "resnet34": "cifar10",
+                   "resnet50": "cifar10", "lstm": "imdb"}
+
+
+def model_table(base: TrainConfig, models: Sequence[str], repeats: int = 3, out: Optional[str] = None) -> dict:
+    """Per model, on synthetic data shaped like its paper dataset: stages, parameters, FLOPs per
+    example (XLA's count of one training step / batch), and the time of one batch's forward and
+    backward+update through the per-stage units, and of the whole synchronous step."""
+    rows = []
+    for name in models:
+        config = dataclasses.replace(base, model=name, dataset=NATURAL_DATASET[name], trainer="sync", progress=False)
+        validate(config)
+        sessions: list = []
+        units = unit_timings(config, repeats=repeats, session_out=sessions)
+        session = sessions[0]
+        store = session.store
+        flops = session.units.step_flops(store.params(), store.opt_states(), store.states(), config.batch_size)
+        total = next(u for u in units if u["stage"] == "(all stages)")
+        step = next(u for u in units if u["stage"] == "(whole step, sync)")
+        rows.append({"model": name, "dataset_shape": config.dataset, "input_shape": list(session.model.input_shape),
+                     "stages": len(session.model.stages),
+                     "params": int(sum(np.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(store.params()))),
+                     "flops_per_example": flops / config.batch_size,
+                     "forward_s": total["forward_s"], "backward_update_s": total["backward_update_s"],
+                     "sync_step_s": step["backward_update_s"],
+                     "residual_mb_per_item": session.units.residual_bytes / 2 ** 20,
+                     "compile_s": session.units.compile_time_s, "units": units})
+    result = {"batch_size": base.batch_size, "repeats": repeats, "norm": base.norm, "rows": rows,
+              "peak_rss_mb": peak_rss_mb()}
+    if out:
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "models.json"), "w", encoding="utf-8") as handle:
+            json.dump(result, handle, indent=2)
+        with open(os.path.join(out, "models.md"), "w", encoding="utf-8") as handle:
+            handle.write(format_model_table(result) + "\n")
+    return result
+
+
+def format_model_table(result: dict) -> str:
+    lines = [f"batch {result['batch_size']}, mean of {result['repeats']} calls per unit, ResNet norm "
+             f"{result['norm']}; times are one batch through the per-stage units (forward; backward with "
+             "the fused update) and the whole-model sync step", "",
+             "| model | input (like) | stages | params (M) | MFLOP/example | forward ms | backward+update ms "
+             "| sync step ms | residual MB/item |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {'x'.join(map(str, r['input_shape']))} ({r['dataset_shape']}) | {r['stages']} | "
+                     f"{r['params'] / 1e6:.2f} | {r['flops_per_example'] / 1e6:.1f} | {1e3 * r['forward_s']:.1f} | "
+                     f"{1e3 * r['backward_update_s']:.1f} | {1e3 * r['sync_step_s']:.1f} | "
+                     f"{r['residual_mb_per_item']:.1f} |")
+    if any(r["model"] == "lstm" for r in result["rows"]):
+        lines += ["", "lstm: XLA's cost analysis counts the body of the recurrent loop once, so its MFLOP/example "
+                      "is understated by about the sequence length (and so is its MFU)."]
+    return "\n".join(lines)
+
+
 def format_bench(result: dict) -> str:
     """The bench result as a markdown table."""
-    lines = [f"model {result['model']}, batch {result['batch_size']}, median of {result['rounds']} rounds of "
+    lines = [f"model {result['model']} ({result['stages']} stages, shapes of {result['dataset_shape']}, "
+             f"{result['flops_per_example'] / 1e6:.1f} MFLOP per example per training step), "
+             f"batch {result['batch_size']}, median of {result['rounds']} rounds of "
              f"{result['steps']} steps per trainer, "
              f"residuals {result['residuals']}, peak {result['peak_flops'] / 1e9:.0f} GFLOP/s (matmul)",
              "",

@@ -14,7 +14,8 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from asyncsgd.config import DATASETS, MODELS, OPTIMIZERS, RESIDUAL_MODES, SCHEDULES, TRAINERS, ConfigError, TrainConfig
+from asyncsgd.config import (CIFAR100_LABELS, DATASETS, MODELS, NORMS, OPTIMIZERS, RESIDUAL_MODES, SCHEDULES, TRAINERS,
+                             ConfigError, TrainConfig)
 
 _DEFAULTS = TrainConfig()
 
@@ -33,6 +34,15 @@ def _trainer_list(text: str) -> list[str]:
     return names
 
 
+def _model_list(text: str) -> list[str]:
+    names = list(MODELS) if text.strip() == "all" else [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [name for name in names if name not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"unknown model(s) {', '.join(unknown) or '(none)'}; "
+                                         f"choose from {', '.join(MODELS)} or 'all'")
+    return names
+
+
 def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_default: int) -> None:
     d = _DEFAULTS
     g = parser.add_argument_group("what to train")
@@ -40,6 +50,15 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
     g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
     g.add_argument("--data-dir", default=None, help="directory with the dataset files (searched first)")
     g.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
+    g.add_argument("--norm", choices=NORMS, default=d.norm,
+                   help="ResNets: batch norm (running statistics kept in the store) or GroupNorm (stateless)")
+    g.add_argument("--no-augment", action="store_false", dest="augment",
+                   help="no training augmentation (CIFAR's default: pad-4 random crop and horizontal flip)")
+    g.add_argument("--cifar100-labels", choices=CIFAR100_LABELS, default=d.cifar100_labels,
+                   help="CIFAR-100: fine (100 classes) or coarse (20) labels")
+    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="IMDb vocabulary size (with pad and OOV)")
+    g.add_argument("--min-count", type=int, default=d.min_count, help="IMDb: least count of a vocabulary word")
+    g.add_argument("--max-len", type=int, default=d.max_len, help="IMDb: tokens per review (longer keep their end)")
     g = parser.add_argument_group("how long")
     g.add_argument("--epochs", type=int, default=epochs_default)
     g.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
@@ -94,11 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="train with several trainers one after another and print a table")
     p.add_argument("--trainers", type=_trainer_list, default=["sync", "pdasgd", "dasgd", "hogwild"])
     _add_run_flags(p, model_default="mlp", epochs_default=1)
-    p = sub.add_parser("bench", help="throughput of several trainers side by side on synthetic data")
+    p = sub.add_parser("bench", help="throughput of several trainers side by side on synthetic data "
+                       "shaped like --dataset")
     p.add_argument("--trainers", type=_trainer_list, default=["sync", "layerwise", "pdasgd", "dasgd", "hogwild"])
     p.add_argument("--steps", type=int, default=20, help="timed steps per trainer and round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
     p.add_argument("--unit-times", action="store_true", help="also time each stage's units in isolation")
+    p.add_argument("--models", type=_model_list, default=None,
+                   help="instead of comparing trainers: size and time each of these models (comma-separated, "
+                        "or 'all') on data shaped like its paper dataset")
     _add_run_flags(p, model_default="cnn", epochs_default=1)
     return parser
 
@@ -111,9 +134,14 @@ def _default_out(config: TrainConfig, command: str) -> str:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench" and args.models:
+        from asyncsgd.bench import format_model_table, model_table
+        config = _config_from(args, out=None)
+        print(format_model_table(model_table(config, args.models, repeats=args.rounds, out=args.out)))
+        return 0
     if args.command == "bench":
         from asyncsgd.bench import bench, format_bench
-        config = _config_from(args, dataset="synthetic", out=None)
+        config = _config_from(args, out=None)  # --dataset only sets the shapes of the synthetic data
         result = bench(config, args.trainers, args.steps, out=args.out, with_units=args.unit_times,
                        rounds=args.rounds)
         print(format_bench(result))

@@ -12,8 +12,12 @@ import math
 from typing import Optional
 
 TRAINERS = ("sync", "layerwise", "pdasgd", "dasgd", "hogwild")
-MODELS = ("mlp", "cnn")
-DATASETS = ("fashion_mnist", "mnist", "synthetic")
+MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50", "lstm")
+DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imdb", "synthetic", "synthetic_text")
+NORMS = ("batch", "group")
+CIFAR100_LABELS = ("fine", "coarse")
+TEXT_MODELS = ("lstm",)
+TEXT_DATASETS = ("imdb", "synthetic_text")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 RESIDUAL_MODES = ("stash", "recompute")
@@ -51,6 +55,17 @@ class TrainConfig:
     out: Optional[str] = None
     # Subsample the training split (None: all of it). Handy for quick runs and tests.
     train_subset: Optional[int] = None
+    # The dataset's standard training augmentation (CIFAR: pad-4 random crop, horizontal flip; none
+    # for the others).
+    augment: bool = True
+    cifar100_labels: str = "fine"
+    # IMDb: vocabulary (most frequent training words, plus padding and out-of-vocabulary ids), the
+    # minimum count for a word to enter it, and the sequence length (longer reviews keep their end).
+    vocab_size: int = 20000
+    min_count: int = 2
+    max_len: int = 256
+    # ResNets: batch norm (statistics through the store) or GroupNorm (stateless).
+    norm: str = "batch"
     # Asynchronous trainers.
     forward_threads: int = 1
     backward_threads: int = 2
@@ -96,6 +111,16 @@ def validate(config: TrainConfig) -> TrainConfig:
     _choice("optimizer", config.optimizer, OPTIMIZERS)
     _choice("schedule", config.schedule, SCHEDULES)
     _choice("residuals", config.residuals, RESIDUAL_MODES)
+    _choice("norm", config.norm, NORMS)
+    _choice("cifar100_labels", config.cifar100_labels, CIFAR100_LABELS)
+    text_model, text_data = config.model in TEXT_MODELS, config.dataset in TEXT_DATASETS
+    _require(text_model == text_data,
+             f"--model {config.model} does not fit --dataset {config.dataset}: "
+             + ("the lstm needs a text dataset (imdb, synthetic_text)" if text_model else
+                f"{config.dataset} is text; use --model lstm"))
+    _require(config.vocab_size >= 3, f"--vocab-size must be >= 3, got {config.vocab_size}")
+    _require(config.min_count >= 1, f"--min-count must be >= 1, got {config.min_count}")
+    _require(config.max_len >= 1, f"--max-len must be >= 1, got {config.max_len}")
     _require(config.epochs >= 1, f"--epochs must be >= 1, got {config.epochs}")
     _require(config.max_steps is None or config.max_steps >= 1,
              f"--max-steps must be >= 1, got {config.max_steps}")

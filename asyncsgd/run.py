@@ -35,7 +35,8 @@ class OutputExists(ConfigError):
 def prepare_dataset(config: TrainConfig, dataset: Optional[Dataset] = None) -> Dataset:
     """Loads (unless given), subsets and normalises the dataset; checks the batch fits."""
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_dir)
+        dataset = load_dataset(config.dataset, config.data_dir, cifar100_labels=config.cifar100_labels,
+                               vocab_size=config.vocab_size, min_count=config.min_count, max_len=config.max_len)
     dataset = dataset.subset(config.train_subset).normalized()
     if config.batch_size > len(dataset.train_y):
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set "
@@ -78,11 +79,13 @@ def _write_json(path: str, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def evaluate(units: Units, params: list, x: np.ndarray, y: np.ndarray, batch_size: int) -> tuple[float, float]:
-    """Test loss and accuracy of `params` over the whole split (padded last batch masked out)."""
+def evaluate(units: Units, params: list, states: list, x: np.ndarray, y: np.ndarray,
+             batch_size: int) -> tuple[float, float]:
+    """Test loss and accuracy of `params` (batch norm: running statistics `states`) over the whole
+    split (padded last batch masked out)."""
     loss_sum, correct = jnp.zeros(()), jnp.zeros(())
     for xb, yb, mask in eval_batches(x, y, batch_size):
-        batch_loss, batch_correct = units.evaluate(params, xb, yb, mask)
+        batch_loss, batch_correct = units.evaluate(params, states, xb, yb, mask)
         loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
     count = len(y)
     return float(loss_sum) / count, float(correct) / count  # blocks: reads the result
@@ -97,6 +100,11 @@ def _write_updates(path: str, recorder: Recorder) -> None:
                              u.worker, f"{u.t_read:.6f}", f"{u.t_commit:.6f}"])
 
 
+def eval_batch_size(config: TrainConfig, dataset: Dataset) -> int:
+    """The evaluation batch: `config.eval_batch_size`, or the whole test split when that is smaller."""
+    return max(1, min(config.eval_batch_size, len(dataset.test_y)))
+
+
 def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict,
                   unit_groups: Optional[tuple[str, ...]] = None) -> tuple[Session, int]:
     """Model, optimiser, compiled units (compiled here, before any thread) and the store.
@@ -107,17 +115,18 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict,
     Returns:
       The session and the number of steps the run plans.
     """
-    model = get_model(config.model, dataset.input_shape, dataset.num_classes)
+    model = get_model(config.model, dataset.input_shape, dataset.num_classes, norm=config.norm,
+                      vocab_size=dataset.vocab_size)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
     total_steps = config.epochs * per_epoch
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     units = Units(model, make_optimizer(config, total_steps), config.residuals)
-    params = model.init(jax.random.PRNGKey(config.seed))
+    params, states = model.init(jax.random.PRNGKey(config.seed))
     opt_states = units.init_opt_states(params)
-    units.warmup(params, opt_states, config.batch_size, config.eval_batch_size,
+    units.warmup(params, opt_states, states, config.batch_size, eval_batch_size(config, dataset),
                  groups=unit_groups or UNITS_NEEDED[config.trainer])
-    store = ParamStore(model.stage_names, params, opt_states)
+    store = ParamStore(model.stage_names, params, opt_states, states)
     recorder = Recorder(model.stage_names, config.batch_size, total_steps, **recorder_kwargs)
     return Session(config, model, units, store, dataset, recorder), total_steps
 
@@ -143,7 +152,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
     units, store, recorder = session.units, session.store, session.recorder
     run_epoch = get_trainer(config.trainer)
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
-    flops_per_step = units.step_flops(store.params(), store.opt_states(), config.batch_size)
+    flops_per_step = units.step_flops(store.params(), store.opt_states(), store.states(), config.batch_size)
     peak_flops = measure_peak_flops()
     status, epochs_completed = "failed", 0
     test_loss = test_accuracy = float("nan")
@@ -161,8 +170,9 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
             last = epochs_completed == config.epochs or (epoch + 1) * per_epoch >= total_steps
             if (epoch + 1) % config.eval_every == 0 or last:
                 start = time.perf_counter()
-                test_loss, test_accuracy = evaluate(units, store.params(), dataset.test_x, dataset.test_y,
-                                                    config.eval_batch_size)
+                snapshot = store.snapshot()
+                test_loss, test_accuracy = evaluate(units, [s.params for s in snapshot], [s.state for s in snapshot],
+                                                    dataset.test_x, dataset.test_y, eval_batch_size(config, dataset))
                 eval_time_s += time.perf_counter() - start
                 recorder.log({"event": "eval", "epoch": epoch, "step": recorder.steps, "samples": recorder.samples,
                               "wall_time_s": round(recorder.wall_time_s(), 4), "test_loss": test_loss,
@@ -197,6 +207,9 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
             "staleness": recorder.staleness(),
             "staleness_bound": staleness_bound(config.trainer, config.max_inflight, config.workers),
             "updates_per_stage": dict(zip(session.model.stage_names, store.versions())),
+            # Batch-norm running-statistics steps committed per stage (stages with state only).
+            "state_updates_per_stage": {name: slot.state_version for name, slot in
+                                        zip(session.model.stage_names, store.snapshot()) if slot.state},
             "residual_mb_per_item": units.residual_bytes / 2 ** 20,
             "peak_rss_mb": peak_rss_mb(),
             "flops_per_step": flops_per_step,

@@ -1,6 +1,8 @@
 """ParamStore: the only shared mutable state, and the only place with locks.
 
-One slot per stage holds an immutable `Slot(version, params, opt_state)`. Readers take the slot
+One slot per stage holds an immutable `Slot(version, params, opt_state, state, state_version)`:
+`state` is the stage's mutable non-trained state (batch-norm running statistics, `{}` if none),
+written by forward passes through `commit_state` and versioned separately from the parameters. Readers take the slot
 reference (atomic in CPython) and get an immutable snapshot; JAX arrays are immutable, so a reader can
 never see half an update. Writers commit through `commit`, which runs a read-modify-write under that
 stage's lock, so two threads committing to the same stage never lose an update; every commit bumps the
@@ -14,7 +16,7 @@ version order therefore equals the order in which the updates are applied to the
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 
 class Slot(NamedTuple):
@@ -23,6 +25,8 @@ class Slot(NamedTuple):
     version: int
     params: Any
     opt_state: Any
+    state: Any = {}
+    state_version: int = 0
 
 
 class Commit(NamedTuple):
@@ -40,13 +44,16 @@ class ParamStore:
       names: stage names, in model order.
       params: initial parameters, one pytree per stage.
       opt_states: initial optimiser states, one per stage.
+      states: initial mutable states, one per stage (default: none, `{}` each).
     """
 
-    def __init__(self, names: Sequence[str], params: Sequence[Any], opt_states: Sequence[Any]):
-        if not (len(names) == len(params) == len(opt_states)):
-            raise ValueError("names, params and opt_states must have one entry per stage")
+    def __init__(self, names: Sequence[str], params: Sequence[Any], opt_states: Sequence[Any],
+                 states: Optional[Sequence[Any]] = None):
+        states = [{} for _ in names] if states is None else states
+        if not (len(names) == len(params) == len(opt_states) == len(states)):
+            raise ValueError("names, params, opt_states and states must have one entry per stage")
         self.names = tuple(names)
-        self._slots = [Slot(0, p, o) for p, o in zip(params, opt_states)]
+        self._slots = [Slot(0, p, o, st, 0) for p, o, st in zip(params, opt_states, states)]
         self._locks = [threading.Lock() for _ in names]
 
     def __len__(self) -> int:
@@ -71,26 +78,38 @@ class ParamStore:
             before = self._slots[stage]
             result = update(before.params, before.opt_state)
             extra = result[2] if len(result) == 3 else None
-            after = Slot(before.version + 1, result[0], result[1])
+            after = before._replace(version=before.version + 1, params=result[0], opt_state=result[1])
             self._slots[stage] = after
         return Commit(before, after, extra)
 
-    def commit_all(self, update: Callable[[list, list], tuple]) -> list[Commit]:
-        """Atomically replaces every stage with `update(params_list, opt_list)`.
+    def commit_state(self, stage: int, update: Callable[[Any], Any]) -> Slot:
+        """Atomically replaces stage `stage`'s mutable state with `update(state)`; bumps `state_version`
+        (the parameter version is unchanged). Returns the installed slot."""
+        with self._locks[stage]:
+            before = self._slots[stage]
+            after = before._replace(state=update(before.state), state_version=before.state_version + 1)
+            self._slots[stage] = after
+        return after
 
-        Locks are taken in stage order (the one global order, so no deadlock with `snapshot`).
+    def commit_all(self, update: Callable[[list, list, list], tuple]) -> list[Commit]:
+        """Atomically replaces every stage with `update(params_list, opt_list, state_list)`.
+
+        `update` returns `(params_list, opt_list, state_list, extra)`; a stage whose returned state
+        is non-empty and not the object it was given gets its `state_version` bumped. Locks are taken in stage
+        order (the one global order, so no deadlock with `snapshot`).
         Returns:
-          One `Commit` per stage; `extra` of each is the update's third output (or None).
+          One `Commit` per stage; `extra` of each is the update's fourth output.
         """
         for lock in self._locks:
             lock.acquire()
         try:
             before = list(self._slots)
-            result = update([s.params for s in before], [s.opt_state for s in before])
-            extra = result[2] if len(result) == 3 else None
+            params_list, opt_list, state_list, extra = update(
+                [s.params for s in before], [s.opt_state for s in before], [s.state for s in before])
             commits = []
-            for stage, (old, params, opt_state) in enumerate(zip(before, result[0], result[1])):
-                new = Slot(old.version + 1, params, opt_state)
+            for stage, (old, params, opt_state, state) in enumerate(zip(before, params_list, opt_list, state_list)):
+                new = Slot(old.version + 1, params, opt_state, state,
+                           old.state_version + (bool(state) and state is not old.state))
                 self._slots[stage] = new
                 commits.append(Commit(old, new, extra))
             return commits
@@ -113,6 +132,9 @@ class ParamStore:
 
     def opt_states(self) -> list:
         return [slot.opt_state for slot in self.snapshot()]
+
+    def states(self) -> list:
+        return [slot.state for slot in self.snapshot()]
 
     def versions(self) -> list[int]:
         return [slot.version for slot in self.snapshot()]

@@ -2,19 +2,22 @@
 
 For each stage l of a `StagedModel` this builds (DESIGN.md, "unit"):
 
-  forward[l](params, x)                       -> (y, residuals)
+  forward[l](params, state, x)                -> (y, residuals, new_state)   (training mode)
   backward[l](params, residuals, dy)          -> (grads, dx)
   backward_update[l](params, opt, res, dy)    -> (params', opt', dx)    (update fused into backward)
   update[l](params, opt, grads)               -> (params', opt')
+  merge_state[l](current, read, new)          -> state'   (stages with batch norm only)
 
 plus the whole-model functions the synchronous and Hogwild trainers need (`train_step`,
-`model_grad`, `model_update`), the loss head (`loss_grad`) and `evaluate`.
+`model_grad`, `model_update`, `model_merge_state`), the loss head (`loss_grad`) and `evaluate`
+(evaluation mode: batch norm uses the running statistics).
 
 Residual modes:
   stash:     the forward returns the `jax.vjp` pullback (a pytree of residual arrays). The gradient
              is taken at the parameters the forward pass read (weight stashing); nothing is recomputed.
-  recompute: the forward keeps only its input; the backward re-runs the stage's forward under
-             `jax.vjp` at the parameters it is given (the store's current ones, in the async trainers).
+  recompute: the forward keeps only its input (and the small state it read); the backward re-runs
+             the stage's forward under `jax.vjp` at the parameters it is given (the store's current
+             ones, in the async trainers).
 
 The first stage never returns an input gradient (dx is None): nothing consumes it.
 
@@ -70,6 +73,8 @@ class Units:
         self.backward_update = [self._jit(f"backward_update/{s.name}", self._make_backward_update(i))
                                 for i, s in enumerate(stages)]
         self.update = [self._jit(f"update/{s.name}", self._update) for s in stages]
+        self.merge_state = [self._jit(f"merge_state/{s.name}", model.merge_state) for s in stages]
+        self.model_merge_state = self._jit("model_merge_state", self._model_merge_state)
         self.loss_grad = self._jit("loss_grad", jax.value_and_grad(cross_entropy))
         self.train_step = self._jit("train_step", self._train_step)
         self.model_grad = self._jit("model_grad", self._model_grad)
@@ -84,28 +89,30 @@ class Units:
         counted.__name__ = name.replace("/", "_")
         return jax.jit(counted)
 
-    def _stage_vjp(self, index: int, params, x):
-        apply = self.model.stages[index].apply
+    def _stage_vjp(self, index: int, params, state, x):
+        """`(y, pullback, new_state)` of stage `index` in training mode."""
+        stage = self.model.stages[index]
         if index == 0:  # no input gradient for the first stage
-            y, pullback = jax.vjp(lambda p: apply(p, x), params)
-        else:
-            y, pullback = jax.vjp(apply, params, x)
-        return y, pullback
+            return jax.vjp(lambda p: stage.apply(p, state, x, True), params, has_aux=True)
+        return jax.vjp(lambda p, x_: stage.apply(p, state, x_, True), params, x, has_aux=True)
 
     def _make_forward(self, index: int):
-        apply = self.model.stages[index].apply
+        stage = self.model.stages[index]
 
-        def forward(params, x):
+        def forward(params, state, x):
             if self.residuals == "stash":
-                return self._stage_vjp(index, params, x)
-            return apply(params, x), x
+                y, pullback, new_state = self._stage_vjp(index, params, state, x)
+                return y, pullback, new_state
+            y, new_state = stage.apply(params, state, x, True)
+            return y, (x, state), new_state
         return forward
 
     def _grads_from_residuals(self, index: int, params, residuals, dy):
         if self.residuals == "stash":
             pullback = residuals
         else:
-            _, pullback = self._stage_vjp(index, params, residuals)
+            x, state = residuals
+            _, pullback, _ = self._stage_vjp(index, params, state, x)
         cotangents = pullback(dy)
         grads = cotangents[0]
         dx = cotangents[1] if index > 0 else None
@@ -126,21 +133,24 @@ class Units:
     def _update(self, params, opt_state, grads):
         return _apply_update(self.optimizer, params, opt_state, grads)
 
-    def _model_grad(self, params_list, x, labels):
-        loss, grads = jax.value_and_grad(self.model.loss)(params_list, x, labels)
-        return grads, loss
+    def _model_grad(self, params_list, states, x, labels):
+        (loss, new_states), grads = jax.value_and_grad(self.model.loss, has_aux=True)(params_list, states, x, labels)
+        return grads, loss, new_states
 
     def _model_update(self, params_list, opt_list, grads_list):
         pairs = [_apply_update(self.optimizer, p, o, g) for p, o, g in zip(params_list, opt_list, grads_list)]
         return [p for p, _ in pairs], [o for _, o in pairs]
 
-    def _train_step(self, params_list, opt_list, x, labels):
-        grads, loss = self._model_grad(params_list, x, labels)
-        params_list, opt_list = self._model_update(params_list, opt_list, grads)
-        return params_list, opt_list, loss
+    def _model_merge_state(self, current, read, new):
+        return [self.model.merge_state(c, r, n) for c, r, n in zip(current, read, new)]
 
-    def _evaluate(self, params_list, x, labels, mask):
-        logits = self.model.apply(params_list, x)
+    def _train_step(self, params_list, opt_list, states, x, labels):
+        grads, loss, states = self._model_grad(params_list, states, x, labels)
+        params_list, opt_list = self._model_update(params_list, opt_list, grads)
+        return params_list, opt_list, states, loss
+
+    def _evaluate(self, params_list, states, x, labels, mask):
+        logits, _ = self.model.apply(params_list, states, x, train=False)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         correct = (jnp.argmax(logits, axis=-1) == labels)
         return jnp.sum(losses * mask), jnp.sum(correct * mask)
@@ -149,7 +159,7 @@ class Units:
     def init_opt_states(self, params: Sequence[Params]) -> list:
         return [self.optimizer.init(p) for p in params]
 
-    def warmup(self, params: Sequence[Params], opt_states: Sequence[Any], batch_size: int,
+    def warmup(self, params: Sequence[Params], opt_states: Sequence[Any], states: Sequence[Any], batch_size: int,
                eval_batch_size: int, groups: Optional[Collection[str]] = None) -> float:
         """Compiles units by calling them once on zeros of the real shapes; returns seconds spent.
 
@@ -157,23 +167,26 @@ class Units:
 
         Args:
           groups: which units a trainer will call (default: all of `UNIT_GROUPS`): "stages" (forward,
-            loss_grad, backward_update), "stages_split" (forward, loss_grad, backward, model_update),
-            "train_step", "model_grad" (model_grad, model_update). `evaluate` is always compiled.
+            merge_state, loss_grad, backward_update), "stages_split" (forward, merge_state, loss_grad,
+            backward, model_update), "train_step", "model_grad" (model_grad, model_update,
+            model_merge_state). `evaluate` is always compiled.
         """
         groups = set(UNIT_GROUPS if groups is None else groups)
         unknown = groups - set(UNIT_GROUPS)
         if unknown:
             raise ValueError(f"unknown unit groups {sorted(unknown)}; known: {UNIT_GROUPS}")
         start = time.perf_counter()
-        params, opt_states = list(params), list(opt_states)
+        params, opt_states, states = list(params), list(opt_states), list(states)
         outputs = []
-        x0 = jnp.zeros((batch_size, *self.model.input_shape), jnp.float32)
+        x0 = self.model.dummy_input(batch_size)
         labels = jnp.zeros((batch_size,), jnp.int32)
         if groups & {"stages", "stages_split"}:
             x, residuals = x0, []
             for index, forward in enumerate(self.forward):
-                x, res = forward(params[index], x)
+                x, res, new_state = forward(params[index], states[index], x)
                 residuals.append(res)
+                if has_state(states[index]):
+                    outputs.append(self.merge_state[index](states[index], states[index], new_state))
             loss, dy_top = self.loss_grad(x, labels)
             self.residual_bytes = sum(tree_nbytes(res) for res in residuals)
             outputs.append(loss)
@@ -188,24 +201,26 @@ class Units:
                     grads[index], dy = self.backward[index](params[index], residuals[index], dy)
                 outputs.append(self.model_update(params, opt_states, grads))
         if "train_step" in groups:
-            outputs.append(self.train_step(params, opt_states, x0, labels))
+            outputs.append(self.train_step(params, opt_states, states, x0, labels))
         if "model_grad" in groups:
-            grads, _ = self.model_grad(params, x0, labels)
+            grads, _, new_states = self.model_grad(params, states, x0, labels)
             outputs.append(self.model_update(params, opt_states, grads))
-        xe = jnp.zeros((eval_batch_size, *self.model.input_shape), jnp.float32)
+            outputs.append(self.model_merge_state(states, states, new_states))
+        xe = self.model.dummy_input(eval_batch_size)
         ye = jnp.zeros((eval_batch_size,), jnp.int32)
-        outputs.append(self.evaluate(params, xe, ye, jnp.ones((eval_batch_size,), jnp.float32)))
+        outputs.append(self.evaluate(params, states, xe, ye, jnp.ones((eval_batch_size,), jnp.float32)))
         jax.block_until_ready(outputs)  # blocks: compilation and the first runs finish here
         elapsed = time.perf_counter() - start
         self.compile_time_s += elapsed
         return elapsed
 
-    def step_flops(self, params: Sequence[Params], opt_states: Sequence[Any], batch_size: int) -> float:
+    def step_flops(self, params: Sequence[Params], opt_states: Sequence[Any], states: Sequence[Any],
+                   batch_size: int) -> float:
         """FLOPs of one whole training step as XLA's cost analysis counts them (one count per model
         and batch, used for the MFU of every trainer)."""
-        x = jax.ShapeDtypeStruct((batch_size, *self.model.input_shape), jnp.float32)
+        x = jax.ShapeDtypeStruct((batch_size, *self.model.input_shape), self.model.input_dtype)
         labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-        lowered = jax.jit(self._train_step).lower(list(params), list(opt_states), x, labels)
+        lowered = jax.jit(self._train_step).lower(list(params), list(opt_states), list(states), x, labels)
         cost = lowered.cost_analysis()
         if isinstance(cost, (list, tuple)):
             cost = cost[0] if cost else {}
@@ -213,6 +228,11 @@ class Units:
 
     def max_trace_count(self) -> int:
         return max(self.trace_counts.values()) if self.trace_counts else 0
+
+
+def has_state(state) -> bool:
+    """True for a stage with mutable state (batch-norm statistics)."""
+    return bool(jax.tree_util.tree_leaves(state))
 
 
 def tree_nbytes(tree) -> int:

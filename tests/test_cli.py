@@ -113,3 +113,43 @@ def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer, 
     assert summary["status"] == "interrupted" and summary["steps"] >= 3
     # An interrupted run is not "finished": the same --out may be reused without --overwrite.
     assert cli(*quick(out, "--max-steps", "2")).returncode == 0
+
+
+def test_resnet18_on_a_generated_cifar10_archive_end_to_end(tmp_path):
+    import numpy as np
+
+    from asyncsgd.data import write_cifar_archive
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 40)
+    test = rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, 12)
+    write_cifar_archive(str(tmp_path / "cifar-10-python.tar.gz"), "cifar10", train, test)
+    out = tmp_path / "run"
+    result = cli("train", "--model", "resnet18", "--dataset", "cifar10", "--data-dir", str(tmp_path),
+                 "--trainer", "pdasgd", "--batch-size", "8", "--max-steps", "3", "--no-progress", "--out", str(out),
+                 env={"ASYNCSGD_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}, timeout=170)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["steps"] == 3 and summary["model"] == "resnet18"
+    assert 0.0 <= summary["test_accuracy"] <= 1.0 and summary["max_trace_count"] == 1
+    assert set(summary["updates_per_stage"].values()) == {3}
+    # Batch norm: every stage but the head took one statistics step per forward pass.
+    assert summary["state_updates_per_stage"] == {name: 3 for name in summary["updates_per_stage"] if name != "head"}
+
+
+def test_cifar_offline_and_absent_is_one_clear_line(tmp_path):
+    result = cli("train", "--model", "resnet18", "--dataset", "cifar10", "--no-progress", "--out", str(tmp_path / "r"),
+                 env={"ASYNCSGD_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache"), "ASYNCSGD_DATA": ""})
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cs.toronto.edu" in lines[0] and str(tmp_path / "cache") in lines[0]
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--model", "lstm", "--dataset", "fashion_mnist"), "the lstm needs a text dataset"),
+    (("--model", "resnet18", "--dataset", "imdb"), "imdb is text; use --model lstm"),
+    (("--model", "resnet18", "--norm", "layer"), "invalid choice: 'layer'"),
+    (("--vocab-size", "2"), "--vocab-size must be >= 3"),
+])
+def test_model_and_dataset_mismatches_are_one_line_errors(tmp_path, args, fragment):
+    result = cli("train", "--no-progress", "--out", str(tmp_path / "r"), *args)
+    assert result.returncode == 2 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -71,7 +71,7 @@ def test_commit_all_is_atomic_with_respect_to_snapshots():
 
     def writer():
         while not stop.is_set():
-            store.commit_all(lambda ps, os: ([p + 1 for p in ps], os))
+            store.commit_all(lambda ps, os, sts: ([p + 1 for p in ps], os, sts, None))
 
     def reader():
         while not stop.is_set():
@@ -102,3 +102,40 @@ def test_failed_update_leaves_the_slot_unchanged():
     assert store.read(0).version == 0
     store.commit(0, lambda p, o: (p, o))  # the lock was released
     assert store.read(0).version == 1
+
+
+def test_state_commits_lose_nothing_and_version_separately_from_params():
+    # Eight threads each add 1 to stage 0's state 200 times through commit_state while another
+    # thread commits parameters: every state step lands, and the two versions count their own commits.
+    store = ParamStore(["s0"], [jnp.zeros(())], [jnp.zeros(())], [{"mean": jnp.zeros(())}])
+    errors = []
+
+    def bump_state():
+        try:
+            for _ in range(200):
+                store.commit_state(0, lambda st: {"mean": st["mean"] + 1})
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    def bump_params():
+        for _ in range(100):
+            store.commit(0, lambda p, o: (p + 1, o))
+
+    threads = [threading.Thread(target=bump_state) for _ in range(8)] + [threading.Thread(target=bump_params)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not errors and not any(t.is_alive() for t in threads)
+    slot = store.read(0)
+    assert (slot.version, slot.state_version) == (100, 1600)
+    assert float(slot.state["mean"]) == 1600.0 and float(slot.params) == 100.0
+
+
+def test_commit_all_bumps_state_version_only_for_stages_with_new_state():
+    store = ParamStore(["a", "b"], [jnp.zeros(()), jnp.zeros(())], [jnp.zeros(()), jnp.zeros(())],
+                       [{}, {"mean": jnp.zeros(())}])
+    store.commit_all(lambda ps, os, sts: (ps, os, [{}, {"mean": sts[1]["mean"] + 1}], None))
+    assert [s.state_version for s in store.snapshot()] == [0, 1] and store.versions() == [1, 1]
+    store.commit_all(lambda ps, os, sts: (ps, os, sts, None))  # same objects back: no state change
+    assert [s.state_version for s in store.snapshot()] == [0, 1] and store.versions() == [2, 2]

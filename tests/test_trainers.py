@@ -82,7 +82,7 @@ def test_every_trainer_learns_on_synthetic_data(tiny_config, tiny_data, trainer)
     config = replace(tiny_config, trainer=trainer, model="mlp", lr=0.02)
     data = tiny_data.normalized()
     session = run_steps(config, tiny_data, steps_per_epoch(len(tiny_data.train_y), config.batch_size))
-    _, accuracy = evaluate(session.units, session.store.params(), data.test_x, data.test_y, 64)
+    _, accuracy = evaluate(session.units, session.store.params(), session.store.states(), data.test_x, data.test_y, 64)
     assert accuracy > 0.5, accuracy  # chance is 0.1; one short epoch, so no tighter bar for async ones
     losses = session.recorder.losses
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
@@ -106,3 +106,58 @@ def test_injected_stage_failure_names_stage_and_worker_and_leaves_no_threads(tin
     with pytest.raises(WorkerError, match=r"backward-\d failed while backward stage block2 .*injected failure"):
         get_trainer("pdasgd")(session, EpochPlan(0, 0, 30))
     assert [t for t in threading.enumerate() if t not in before] == []
+
+
+# -- paper-scale models (tiny inputs of the right kind) ----------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_images_rgb():
+    from asyncsgd.data import synthetic
+    return synthetic(num_train=64, num_test=32, input_shape=(8, 8, 3), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens():
+    from asyncsgd.data import synthetic_text
+    return synthetic_text(num_train=64, num_test=32, max_len=6, vocab_size=11, seed=1)
+
+
+@pytest.mark.parametrize("model", ["resnet18", "resnet34", "resnet50", "lstm"])
+@pytest.mark.parametrize("trainer", ["sync", "pdasgd"])
+def test_one_step_of_each_paper_model(tiny_config, tiny_images_rgb, tiny_tokens, model, trainer):
+    data = tiny_tokens if model == "lstm" else tiny_images_rgb
+    config = replace(tiny_config, trainer=trainer, model=model, max_inflight=0, forward_threads=1,
+                     backward_threads=1, dataset="synthetic_text" if model == "lstm" else "synthetic")
+    session = run_steps(config, data, 1)
+    assert session.store.versions() == [1] * len(session.store)
+    assert session.units.max_trace_count() == 1
+    assert np.isfinite(session.recorder.losses).all() and len(session.recorder.losses) == 1
+    bn_stages = [s for s in session.store.snapshot() if jax.tree_util.tree_leaves(s.state)]
+    assert len(bn_stages) == (0 if model == "lstm" else len(session.store) - 1)  # every stage but the head
+    assert all(s.state_version == 1 for s in bn_stages)  # one forward pass, one statistics step each
+
+
+def test_layerwise_matches_sync_with_batch_norm_including_running_statistics(tiny_config, tiny_images_rgb):
+    config = replace(tiny_config, model="resnet18", lr=0.05, momentum=0.9)
+    sync = run_steps(replace(config, trainer="sync"), tiny_images_rgb, 4)
+    layerwise = run_steps(replace(config, trainer="layerwise"), tiny_images_rgb, 4)
+    chex.assert_trees_all_close(layerwise.store.params(), sync.store.params(), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(layerwise.store.states(), sync.store.states(), rtol=1e-4, atol=1e-5)
+    assert [s.state_version for s in layerwise.store.snapshot()][:-1] == [4] * (len(layerwise.store) - 1)
+
+
+@pytest.mark.parametrize("trainer", ["pdasgd", "hogwild"])
+def test_concurrent_trainers_lose_no_batch_norm_statistics_step(tiny_config, tiny_images_rgb, trainer):
+    # 2 forward x 3 backward threads (or 3 Hogwild workers): every forward pass's statistics step
+    # lands in the store (state_version == steps) and the statistics stay finite and moved.
+    config = replace(tiny_config, trainer=trainer, model="resnet18", norm="batch", forward_threads=2,
+                     backward_threads=3, workers=3, max_inflight=3, lr=0.02)
+    session = run_steps(config, tiny_images_rgb, 4)
+    snapshot = session.store.snapshot()
+    assert [s.version for s in snapshot] == [4] * len(snapshot)
+    assert [s.state_version for s in snapshot[:-1]] == [4] * (len(snapshot) - 1)
+    init_states = build_session(config, tiny_images_rgb.normalized(), dict(writer=JsonlWriter(None),
+                                                                            progress=False))[0].store.states()
+    leaves = jax.tree_util.tree_leaves([s.state for s in snapshot])
+    assert all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
+    assert not np.allclose(jax.tree_util.tree_leaves(init_states)[0], leaves[0])

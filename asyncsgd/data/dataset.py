@@ -13,7 +13,9 @@ import numpy as np
 class Dataset:
     """A train/test split held in memory.
 
-    Images are N x H x W x C (uint8 as loaded, float32 once normalised); labels are int32.
+    Images are N x H x W x C (uint8 as loaded, float32 once normalised); token sequences are
+    N x max_len int32 ids (`vocab_size` > 0); labels are int32. `augmentation` names the training
+    augmentation the dataset calls for ("crop_flip" for CIFAR, "" for none).
     """
 
     name: str
@@ -23,6 +25,8 @@ class Dataset:
     test_y: np.ndarray
     num_classes: int
     source: str = ""
+    vocab_size: int = 0
+    augmentation: str = ""
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -36,7 +40,10 @@ class Dataset:
                                    train_y=self.train_y[:train_examples])
 
     def normalized(self) -> "Dataset":
-        """Scales to [0, 1] then standardises with the training split's per-channel mean and std."""
+        """Scales to [0, 1] then standardises with the training split's per-channel mean and std
+        (token ids are returned unchanged)."""
+        if self.vocab_size:
+            return self
         train = self.train_x.astype(np.float32)
         test = self.test_x.astype(np.float32)
         if self.train_x.dtype == np.uint8:
@@ -66,22 +73,36 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
+def augment_batch(dataset: Dataset, x: np.ndarray, seed: int, seq: int) -> np.ndarray:
+    """The dataset's training augmentation of one batch, seeded by (seed, seq)."""
+    if dataset.augmentation == "crop_flip":
+        from asyncsgd.data.cifar import crop_flip
+        return crop_flip(x, np.random.default_rng([seed, seq, 7]))
+    if dataset.augmentation:
+        raise ValueError(f"unknown augmentation {dataset.augmentation!r}")
+    return x
+
+
 def iterate_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, first_seq: int,
-                    max_batches: Optional[int] = None) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Yields `(seq, x, y)` NumPy batches of one epoch in seeded order."""
+                    max_batches: Optional[int] = None,
+                    augment: bool = False) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """Yields `(seq, x, y)` NumPy batches of one epoch in seeded order (augmented if `augment`)."""
     order = epoch_order(len(dataset.train_y), seed, epoch)
     count = steps_per_epoch(len(order), batch_size)
     if max_batches is not None:
         count = min(count, max_batches)
     for index in range(count):
         idx = np.sort(order[index * batch_size:(index + 1) * batch_size])
-        yield first_seq + index, dataset.train_x[idx], dataset.train_y[idx]
+        x = dataset.train_x[idx]
+        if augment:
+            x = augment_batch(dataset, x, seed, first_seq + index)
+        yield first_seq + index, x, dataset.train_y[idx]
 
 
 def prefetch_worker(worker, dataset: Dataset, batch_size: int, seed: int, epoch: int, first_seq: int,
-                    max_batches: Optional[int], out) -> None:
-    """Worker body: gathers batches on the host, copies them to the device, feeds channel `out`."""
-    for seq, x, y in iterate_batches(dataset, batch_size, seed, epoch, first_seq, max_batches):
+                    max_batches: Optional[int], out, augment: bool = False) -> None:
+    """Worker body: gathers (and augments) batches on the host, copies them to the device, feeds `out`."""
+    for seq, x, y in iterate_batches(dataset, batch_size, seed, epoch, first_seq, max_batches, augment):
         worker.beat(f"preparing batch {seq}")
         worker.put(out, Batch(seq, epoch, jax.device_put(x), jax.device_put(y)))
 

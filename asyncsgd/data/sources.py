@@ -114,3 +114,22 @@ def locate(source: Source, data_dir: Optional[str] = None, download: bool = True
                 f"put {', '.join(names)} in {target} or pass --data-dir DIR") from None
     raise DatasetNotFound(f"{source.name}: files not found; download them from {source.base_url} "
                           f"({', '.join(names)}) into {target} or pass --data-dir DIR")
+
+
+def locate_archive(source: Source, folder: str, required: Sequence[str], data_dir: Optional[str] = None,
+                   download: bool = True) -> str:
+    """Finds a dataset shipped as one archive: its extracted `folder`, or the archive itself.
+
+    Each search directory (module docstring) is checked first for `folder/` holding every file or
+    folder in `required` (or for being that folder), then for the archive file; failing both, the archive is
+    downloaded into the cache and verified.
+
+    Returns:
+      The path of the extracted folder, or of the archive (`source.files[0]`).
+    """
+    for directory in candidate_dirs(source, data_dir):
+        for base in (os.path.join(directory, folder), directory):
+            if os.path.basename(os.path.normpath(base)) == folder and all(
+                    os.path.exists(os.path.join(base, name)) for name in required):
+                return base
+    return os.path.join(locate(source, data_dir, download), source.files[0].name)

@@ -12,6 +12,7 @@ import time
 
 from asyncsgd.metrics import Update
 from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
+from asyncsgd.units import has_state
 from asyncsgd.workers import Window
 
 
@@ -27,10 +28,15 @@ def _hogwild_worker(worker, session: Session, batches, window: Window) -> None:
         worker.beat(f"gradient (item {batch.seq})")
         slots = [store.read(index) for index in range(len(store))]
         t_read = time.perf_counter()
-        grads, loss = units.model_grad([s.params for s in slots], batch.x, batch.y)
+        read_states = [s.state for s in slots]
+        grads, loss, new_states = units.model_grad([s.params for s in slots], read_states, batch.x, batch.y)
         loss.block_until_ready()  # blocks: the gradient is computed before we commit it
         worker.beat(f"committing the whole model (item {batch.seq})")
-        commits = store.commit_all(lambda params, opts: units.model_update(params, opts, grads))
+
+        def update(params, opts, states):
+            merged = units.model_merge_state(states, read_states, new_states) if has_state(states) else states
+            return (*units.model_update(params, opts, grads), merged, None)
+        commits = store.commit_all(update)
         now = time.perf_counter()
         for index, (slot, commit) in enumerate(zip(slots, commits)):
             recorder.record_update(Update(index, slot.version, commit.before.version, worker.name, t_read, now))

@@ -1,7 +1,8 @@
 """The forward and the backward pass through the store, shared by layerwise, pdasgd and dasgd.
 
-A forward pass reads each stage's `(version, params)` just before running that stage and returns a
-`WorkItem`; a backward pass walks the stages from the last to the first. With layer-wise commits it
+A forward pass reads each stage's `(version, params, state)` just before running that stage, commits
+the stage's new batch-norm statistics right away (merged into whatever is current, see
+`StagedModel.merge_state`; stages without state skip this) and returns a `WorkItem`; a backward pass walks the stages from the last to the first. With layer-wise commits it
 commits stage l as soon as its gradient exists (PD-ASGD); otherwise it collects every gradient and
 commits the whole model at the end (D-ASGD, the block-update ablation).
 """
@@ -16,6 +17,7 @@ import jax
 from asyncsgd.data.dataset import Batch
 from asyncsgd.metrics import Update
 from asyncsgd.trainers.session import Session
+from asyncsgd.units import has_state
 
 
 class WorkItem(NamedTuple):
@@ -46,8 +48,12 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool) 
         slot = store.read(index)
         versions.append(slot.version)
         times.append(time.perf_counter())
-        x, res = units.forward[index](slot.params, x)
+        x, res, new_state = units.forward[index](slot.params, slot.state, x)
         residuals.append(res)
+        if has_state(slot.state):
+            read = slot.state
+            store.commit_state(index, lambda current, index=index, read=read, new=new_state:
+                               units.merge_state[index](current, read, new))
         if sync_each_stage:
             x.block_until_ready()  # blocks: the next stage's read must come after this stage ran
     loss, dlogits = units.loss_grad(x, batch.y)
@@ -89,7 +95,8 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             jax.block_until_ready(last)  # blocks: this stage's work finishes before the next starts
     if not layerwise:
         worker.beat(f"committing the whole model (item {item.seq})")
-        commits = store.commit_all(lambda params, opts: units.model_update(params, opts, grads))
+        commits = store.commit_all(lambda params, opts, states: (*units.model_update(params, opts, grads),
+                                                                 states, None))
         now = time.perf_counter()
         for index, commit in enumerate(commits):
             recorder.record_update(Update(index, item.versions_read[index], commit.before.version,

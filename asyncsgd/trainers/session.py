@@ -43,7 +43,7 @@ def epoch_crew(session: Session, plan: EpochPlan, consumers: int) -> tuple[Crew,
     crew = Crew(f"{config.trainer}-epoch{plan.epoch}", watchdog_s=config.watchdog_s)
     batches = Channel("batches", PREFETCH_DEPTH)
     crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
-               plan.first_seq, plan.max_batches, batches, closes=[batches])
+               plan.first_seq, plan.max_batches, batches, config.augment, closes=[batches])
     return crew, batches
 
 

@@ -15,7 +15,8 @@ def _sync_worker(worker, session: Session, batches) -> None:
         while True:
             batch = worker.get(batches)
             worker.beat(f"train step (item {batch.seq})")
-            commits = store.commit_all(lambda params, opts: units.train_step(params, opts, batch.x, batch.y))
+            commits = store.commit_all(lambda params, opts, states: units.train_step(params, opts, states,
+                                                                                     batch.x, batch.y))
             now = time.perf_counter()
             for index, commit in enumerate(commits):
                 recorder.record_update(Update(index, commit.before.version, commit.before.version,
