@@ -121,7 +121,7 @@ def test_every_unit_compiles_once_across_many_calls():
     model, params, states, x, labels = _tiny(model_name)
     units = Units(model, optax.sgd(0.1), "stash")
     opt = units.init_opt_states(params)
-    units.warmup(params, opt, states, batch_size=4, eval_batch_size=8, groups=("stages", "model_grad"))
+    units.warmup(params, opt, states, batch_size=4, eval_batch_size=8, groups=("stages_split", "model_grad"))
     compiled = dict(units.trace_counts)
     assert set(compiled) >= {f"forward/{n}" for n in model.stage_names}
     if model_name == "resnet18":
