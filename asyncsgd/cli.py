@@ -175,6 +175,7 @@ def _sigterm(signum, frame):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from asyncsgd.data import ChecksumError, DataFormatError, DatasetNotFound
+    from asyncsgd.metrics import NonFiniteLoss
     from asyncsgd.workers import StallError, WorkerError
 
     signal.signal(signal.SIGTERM, _sigterm)
@@ -183,7 +184,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ConfigError as exc:
         print(f"asyncsgd: error: {exc}", file=sys.stderr)
         return 2
-    except (DatasetNotFound, DataFormatError, ChecksumError, WorkerError, StallError) as exc:
+    except (DatasetNotFound, DataFormatError, ChecksumError, WorkerError, StallError, NonFiniteLoss) as exc:
         print(f"asyncsgd: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

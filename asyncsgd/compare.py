@@ -8,8 +8,9 @@ import os
 from typing import Optional, Sequence
 
 from asyncsgd.config import TrainConfig, validate
-from asyncsgd.data import Dataset, load_dataset
-from asyncsgd.run import train
+from asyncsgd.data import Dataset
+from asyncsgd.metrics import NonFiniteLoss
+from asyncsgd.run import load_for, train
 
 
 def compare(base: TrainConfig, trainers: Sequence[str], dataset: Optional[Dataset] = None) -> dict:
@@ -22,8 +23,13 @@ def compare(base: TrainConfig, trainers: Sequence[str], dataset: Optional[Datase
                                             out=os.path.join(base.out, name) if base.out else None))
                for name in trainers]
     if dataset is None:
-        dataset = load_dataset(base.dataset, base.data_dir)  # load once for every trainer
-    rows = [train(config, dataset) for config in configs]
+        dataset = load_for(base)  # load once for every trainer
+    rows = []
+    for config in configs:
+        try:
+            rows.append(train(config, dataset))
+        except NonFiniteLoss as exc:  # a diverged trainer is a result, not the end of the comparison
+            rows.append(exc.summary)
     table = format_comparison(rows)
     result = {"rows": rows, "table": table}
     if base.out:
@@ -47,6 +53,8 @@ def format_comparison(rows: Sequence[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
         ratio = f"{r['samples_per_s'] / reference:.2f}x" if reference else "n/a"
+        if r["status"] == "diverged":
+            ratio += f" (diverged at step {r['diverged']['step']})"
         stale = " ".join(f"{name}:{s['mean']:.1f}/{s['max']}" for name, s in r["staleness"].items())
         lines.append(f"| {r['trainer']} | {100 * r['test_accuracy']:.2f}% | {r['test_loss']:.4f} | "
                      f"{r['samples_per_s']:.0f} | {ratio} | {r['wall_time_s']:.1f} | {100 * r['mfu']:.1f}% | "

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import resource
 import sys
 import time
@@ -95,6 +96,20 @@ class JsonlWriter:
             self._handle = None
 
 
+class NonFiniteLoss(RuntimeError):
+    """A training loss came out NaN or infinite: the run has diverged (one-line message).
+
+    `step` is the 1-based training step whose loss was non-finite, `seq` its batch number; `train()`
+    adds the stages whose parameters are non-finite and attaches the written summary as `summary`.
+    """
+
+    def __init__(self, message: str, step: int = 0, seq: int = -1):
+        super().__init__(message)
+        self.step = step
+        self.seq = seq
+        self.summary: Optional[dict] = None
+
+
 class Recorder:
     """Collects what workers report during a run and turns it into logs and a progress bar.
 
@@ -156,22 +171,33 @@ class Recorder:
         self._epoch_start = None
 
     def tick(self) -> None:
-        """Consumes newly finished steps: losses, progress bar, periodic train records."""
+        """Consumes newly finished steps: losses, progress bar, periodic train records.
+
+        Raises:
+          NonFiniteLoss: a finished step's loss is NaN or infinite (the steps before it are counted).
+        """
         end = len(self._done)
-        for seq, loss in self._done[self._cursor:end]:
-            value = float(loss)  # the item finished, so this does not wait on the device
-            self.losses.append(value)
-            self._window.append(value)
-            self.steps += 1
-            if self.steps % self.log_every == 0:
-                self._log_train()
-        advanced = end - self._cursor
-        self._cursor = end
-        if self._bar is not None and advanced:
-            wall = max(self.wall_time_s(), 1e-9)
-            self._bar.update(advanced)
-            self._bar.set_postfix(loss=f"{self.losses[-1]:.4f}", samples_s=f"{self.samples / wall:.0f}",
-                                  refresh=False)
+        advanced = 0
+        try:
+            while self._cursor < end:
+                seq, loss = self._done[self._cursor]
+                value = float(loss)  # the item finished, so this does not wait on the device
+                self._cursor += 1
+                if not math.isfinite(value):
+                    raise NonFiniteLoss(f"non-finite training loss ({value}) at step {self.steps + 1} "
+                                        f"(batch {seq})", step=self.steps + 1, seq=seq)
+                self.losses.append(value)
+                self._window.append(value)
+                self.steps += 1
+                advanced += 1
+                if self.steps % self.log_every == 0:
+                    self._log_train()
+        finally:
+            if self._bar is not None and advanced:
+                wall = max(self.wall_time_s(), 1e-9)
+                self._bar.update(advanced)
+                self._bar.set_postfix(loss=f"{self.losses[-1]:.4f}", samples_s=f"{self.samples / wall:.0f}",
+                                      refresh=False)
 
     def _log_train(self) -> None:
         wall = self.wall_time_s()

@@ -20,7 +20,7 @@ import numpy as np
 
 from asyncsgd.config import ConfigError, TrainConfig, validate
 from asyncsgd.data import Dataset, eval_batches, load_dataset, steps_per_epoch
-from asyncsgd.metrics import JsonlWriter, Recorder, measure_peak_flops, peak_rss_mb
+from asyncsgd.metrics import JsonlWriter, NonFiniteLoss, Recorder, measure_peak_flops, peak_rss_mb
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
@@ -32,11 +32,16 @@ class OutputExists(ConfigError):
     """The output directory already holds a finished run."""
 
 
+def load_for(config: TrainConfig) -> Dataset:
+    """The raw dataset `config` names, with its loading options."""
+    return load_dataset(config.dataset, config.data_dir, cifar100_labels=config.cifar100_labels,
+                        vocab_size=config.vocab_size, min_count=config.min_count, max_len=config.max_len)
+
+
 def prepare_dataset(config: TrainConfig, dataset: Optional[Dataset] = None) -> Dataset:
     """Loads (unless given), subsets and normalises the dataset; checks the batch fits."""
     if dataset is None:
-        dataset = load_dataset(config.dataset, config.data_dir, cifar100_labels=config.cifar100_labels,
-                               vocab_size=config.vocab_size, min_count=config.min_count, max_len=config.max_len)
+        dataset = load_for(config)
     dataset = dataset.subset(config.train_subset).normalized()
     if config.batch_size > len(dataset.train_y):
         raise ConfigError(f"--batch-size {config.batch_size} is larger than the training set "
@@ -142,6 +147,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
     Raises:
       ConfigError: invalid configuration or output directory.
       KeyboardInterrupt: after writing the partial outputs with status "interrupted".
+      NonFiniteLoss: the loss became NaN/inf; the run stops, the outputs are written with status
+        "diverged" (the summary is also attached to the exception as `.summary`).
     """
     validate(config)
     dataset = prepare_dataset(config, dataset)
@@ -157,6 +164,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
     status, epochs_completed = "failed", 0
     test_loss = test_accuracy = float("nan")
     eval_time_s = 0.0
+    diverged: Optional[NonFiniteLoss] = None
     try:
         for epoch in range(config.epochs):
             remaining = total_steps - epoch * per_epoch
@@ -183,6 +191,13 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
+        raise
+    except NonFiniteLoss as exc:
+        status, diverged = "diverged", exc
+        bad = [name for name, params in zip(session.model.stage_names, store.params())
+               if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params))]
+        exc.args = (f"{exc.args[0]}; stages with non-finite parameters: {', '.join(bad) or 'none yet'}; "
+                    "try a lower --lr or --max-inflight",)
         raise
     finally:
         recorder.close()
@@ -217,6 +232,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
             "peak_flops": peak_flops,
             "mfu": flops_per_step * (samples_per_s / config.batch_size) / peak_flops if peak_flops else 0.0,
             "max_trace_count": units.max_trace_count(),
+            "diverged": None if diverged is None else {"step": diverged.step, "batch": diverged.seq,
+                                                       "message": str(diverged)},
             "jax_version": jax.__version__,
             "config": dataclasses.asdict(config),
         }
@@ -224,4 +241,6 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
             _write_updates(os.path.join(out, "updates.csv"), recorder)
             _write_json(os.path.join(out, "summary.json"), summary)
         writer.close()
+        if diverged is not None:
+            diverged.summary = summary
     return summary

@@ -153,3 +153,25 @@ def test_cifar_offline_and_absent_is_one_clear_line(tmp_path):
 def test_model_and_dataset_mismatches_are_one_line_errors(tmp_path, args, fragment):
     result = cli("train", "--no-progress", "--out", str(tmp_path / "r"), *args)
     assert result.returncode == 2 and fragment in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_non_finite_loss_stops_the_run_naming_step_and_stages(tmp_path):
+    out = tmp_path / "run"
+    result = cli(*quick(out, "--trainer", "pdasgd", "--lr", "1e30"))
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite training loss" in lines[0], result.stderr
+    assert "stages with non-finite parameters: dense1" in lines[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["diverged"]["step"] == summary["steps"] + 1
+    assert summary["steps"] < 2 * (2048 // 32)  # stopped early, not run to the end on NaN
+
+
+def test_compare_keeps_going_past_a_diverged_trainer(tmp_path):
+    out = tmp_path / "cmp"
+    result = cli("compare", "--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--epochs", "1",
+                 "--trainers", "hogwild,sync", "--lr", "1e30", "--no-progress", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["trainer"] for r in rows] == ["hogwild", "sync"] and {r["status"] for r in rows} == {"diverged"}
+    assert (out / "comparison.md").read_text().count("diverged at step") == 2
