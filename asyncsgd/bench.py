@@ -157,12 +157,17 @@ def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[
     if with_units:
         result["units"] = unit_timings(base)
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "bench.json"), "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        with open(os.path.join(out, "bench.md"), "w", encoding="utf-8") as handle:
-            handle.write(format_bench(result) + "\n")
+        _write(out, "bench", result, format_bench(result))
     return result
+
+
+def _write(out: str, stem: str, result: dict, table: str) -> None:
+    """`out/<stem>.json` (the result) and `out/<stem>.md` (its table)."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=2)
+    with open(os.path.join(out, f"{stem}.md"), "w", encoding="utf-8") as handle:
+        handle.write(table + "\n")
 
 
 NATURAL_DATASET = {"mlp": "fashion_mnist", "cnn": "fashion_mnist", "resnet18": "cifar10", "resnet34": "cifar10",
@@ -195,11 +200,7 @@ def model_table(base: TrainConfig, models: Sequence[str], repeats: int = 3, out:
     result = {"batch_size": base.batch_size, "repeats": repeats, "norm": base.norm, "rows": rows,
               "peak_rss_mb": peak_rss_mb()}
     if out:
-        os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "models.json"), "w", encoding="utf-8") as handle:
-            json.dump(result, handle, indent=2)
-        with open(os.path.join(out, "models.md"), "w", encoding="utf-8") as handle:
-            handle.write(format_model_table(result) + "\n")
+        _write(out, "models", result, format_model_table(result))
     return result
 
 

@@ -20,3 +20,18 @@ def test_bench_rows_ratios_and_table(tmp_path):
     assert rows["sync"]["flops_per_step"] == rows["pdasgd"]["flops_per_step"] > 0
     assert (tmp_path / "bench.json").exists()
     assert (tmp_path / "bench.md").read_text().strip() == format_bench(result)
+
+
+def test_model_table_sizes_and_times_a_model(tmp_path):
+    from asyncsgd.bench import model_table
+    base = TrainConfig(batch_size=16, progress=False)
+    result = model_table(base, ["mlp"], repeats=1, out=str(tmp_path))
+    (row,) = result["rows"]
+    assert row["params"] == 784 * 512 + 512 + 512 * 256 + 256 + 256 * 10 + 10 and row["stages"] == 3
+    # A training step of the MLP: 2 FLOPs per weight forward, 2 for the weight gradient, 2 for the
+    # input gradient of every layer but the first (784x512 of the 536k weights): about 2.4M per example.
+    weights = row["params"]
+    assert 2 * 2 * weights < row["flops_per_example"] < 2 * 3 * weights
+    assert row["forward_s"] > 0 and row["backward_update_s"] > 0 and row["sync_step_s"] > 0
+    assert "| mlp | 28x28x1 (fashion_mnist) | 3 | 0.54 |" in (tmp_path / "models.md").read_text()
+    assert (tmp_path / "models.json").exists()
