@@ -101,8 +101,7 @@ class Units:
 
         def forward(params, state, x):
             if self.residuals == "stash":
-                y, pullback, new_state = self._stage_vjp(index, params, state, x)
-                return y, pullback, new_state
+                return self._stage_vjp(index, params, state, x)  # (y, pullback, new_state)
             y, new_state = stage.apply(params, state, x, True)
             return y, (x, state), new_state
         return forward
