@@ -85,11 +85,29 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
     g.add_argument("--workers", type=int, default=d.workers, help="hogwild worker threads")
     g.add_argument("--residuals", choices=RESIDUAL_MODES, default=d.residuals,
                    help="stash the forward's pullback, or recompute it at the current parameters")
+    g = parser.add_argument_group("devices and delays")
+    g.add_argument("--devices", type=int, default=d.devices,
+                   help="JAX devices, each with its own workers (pdasgd, dasgd, hogwild, ddp, lapsgd, lppsgd); on "
+                        "a CPU, virtual devices sharing the cores")
+    g.add_argument("--delay", default=d.delay,
+                   help="extra latency, the same for every trainer: none | straggler:device=0,factor=4 | "
+                        "exp:mean=0.02 | lognormal:mean=0.02,sigma=1 | periodic:every=50,stall=1.0 "
+                        "(seconds; a straggler's compute steps take factor x longer, the random and periodic "
+                        "delays follow each pushed update; see README 'Devices and delays')")
+    g.add_argument("--averaging-period", type=int, default=d.averaging_period,
+                   help="lapsgd/lppsgd: average the device copies every N global steps (after the warm-up)")
+    g.add_argument("--averaging-warmup", type=int, default=d.averaging_warmup,
+                   help="lapsgd/lppsgd: average after every global step for the first N global steps")
     g = parser.add_argument_group("run")
     g.add_argument("--seed", type=int, default=d.seed)
     g.add_argument("--out", default=None, help="output directory (default runs/<trainer>-<model>-<dataset>)")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
+    g.add_argument("--eval-every-steps", type=int, default=None,
+                   help="also evaluate every N steps while the workers run (on a snapshot; default with "
+                        "--target-accuracy: a tenth of an epoch)")
+    g.add_argument("--target-accuracy", type=float, default=None,
+                   help="stop when the test accuracy reaches this (0-1); summary.json gets time_to_target_s")
     g.add_argument("--log-every", type=int, default=d.log_every, help="train record every N steps")
     g.add_argument("--watchdog", type=float, default=d.watchdog_s, dest="watchdog_s",
                    help="seconds without progress before a run is declared stuck")
@@ -134,6 +152,8 @@ def _default_out(config: TrainConfig, command: str) -> str:
 
 def _main(argv: Optional[Sequence[str]]) -> int:
     args = build_parser().parse_args(argv)
+    from asyncsgd.devices import request_cpu_devices
+    request_cpu_devices(args.devices)  # before anything starts JAX's backend
     if args.command == "bench" and args.models:
         from asyncsgd.bench import format_model_table, model_table
         config = _config_from(args, out=None)
@@ -157,8 +177,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         return 0
     from asyncsgd.run import train
     summary = train(config)
-    keys = ("trainer", "model", "dataset", "epochs_completed", "steps", "test_accuracy", "test_loss",
-            "samples_per_s", "wall_time_s", "compile_time_s", "mfu", "peak_rss_mb")
+    keys = ("trainer", "model", "dataset", "devices", "delay", "epochs_completed", "steps", "test_accuracy",
+            "test_loss", "time_to_target_s", "samples_per_s", "wall_time_s", "compile_time_s", "mfu", "peak_rss_mb")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"results: {config.out}/summary.json, metrics.jsonl, updates.csv")
     return 0

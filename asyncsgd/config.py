@@ -11,7 +11,9 @@ import dataclasses
 import math
 from typing import Optional
 
-TRAINERS = ("sync", "layerwise", "pdasgd", "dasgd", "hogwild")
+TRAINERS = ("sync", "layerwise", "pdasgd", "dasgd", "hogwild", "ddp", "lapsgd", "lppsgd")
+# Trainers that run their workers on every one of `devices` devices (the others use one device).
+MULTI_DEVICE_TRAINERS = ("pdasgd", "dasgd", "hogwild", "ddp", "lapsgd", "lppsgd")
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50", "lstm")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imdb", "synthetic", "synthetic_text")
 NORMS = ("batch", "group")
@@ -73,6 +75,19 @@ class TrainConfig:
     max_inflight: int = 4
     workers: int = 2
     residuals: str = "stash"
+    # Devices: each hosts its own workers (JAX devices; on a CPU, virtual CPU devices sharing the cores).
+    devices: int = 1
+    # Extra latency, seeded and applied the same way by every trainer (see `asyncsgd.delays`).
+    delay: str = "none"
+    # LAP-SGD / LPP-SGD: average the device copies after every global step for the first
+    # `averaging_warmup` global steps, then every `averaging_period` global steps.
+    averaging_period: int = 16
+    averaging_warmup: int = 100
+    # Stop when the periodic test evaluation reaches this accuracy (None: run to the end).
+    target_accuracy: Optional[float] = None
+    # Evaluate on a snapshot every this many steps while the workers run (None: once per epoch only;
+    # with --target-accuracy it defaults to a tenth of an epoch).
+    eval_every_steps: Optional[int] = None
     # Async workers wait for each stage's result before the next stage (True), or dispatch whole passes
     # and let XLA's runtime order them by data dependencies (False). Versions and staleness are exact
     # either way (they follow dispatch order); see README "Measured on this machine".
@@ -87,7 +102,7 @@ class TrainConfig:
 
     @property
     def uses_threads(self) -> bool:
-        return self.trainer in ("pdasgd", "dasgd", "hogwild")
+        return self.trainer in ("pdasgd", "dasgd", "hogwild", "lapsgd", "lppsgd")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -138,6 +153,21 @@ def validate(config: TrainConfig) -> TrainConfig:
              "--forward-threads and --backward-threads must be <= 64")
     _require(0 <= config.max_inflight <= 1024, f"--max-inflight must be in [0, 1024], got {config.max_inflight}")
     _require(1 <= config.workers <= 64, f"--workers must be in [1, 64], got {config.workers}")
+    _require(1 <= config.devices <= 64, f"--devices must be in [1, 64], got {config.devices}")
+    _require(config.devices == 1 or config.trainer in MULTI_DEVICE_TRAINERS,
+             f"--trainer {config.trainer} runs on one device; --devices {config.devices} needs one of "
+             + ", ".join(MULTI_DEVICE_TRAINERS))
+    _require(config.trainer != "ddp" or config.batch_size % config.devices == 0,
+             f"--batch-size {config.batch_size} must be divisible by --devices {config.devices} for ddp "
+             "(the global batch is split across devices)")
+    _require(config.averaging_period >= 1, f"--averaging-period must be >= 1, got {config.averaging_period}")
+    _require(config.averaging_warmup >= 0, f"--averaging-warmup must be >= 0, got {config.averaging_warmup}")
+    _require(config.target_accuracy is None or 0.0 < config.target_accuracy <= 1.0,
+             f"--target-accuracy must be in (0, 1], got {config.target_accuracy}")
+    _require(config.eval_every_steps is None or config.eval_every_steps >= 1,
+             f"--eval-every-steps must be >= 1, got {config.eval_every_steps}")
+    from asyncsgd.delays import parse_delay  # noqa: PLC0415  (delays imports ConfigError from here)
+    parse_delay(config.delay, devices=config.devices)
     _require(config.eval_every >= 1, f"--eval-every must be >= 1, got {config.eval_every}")
     _require(config.log_every >= 1, f"--log-every must be >= 1, got {config.log_every}")
     _require(config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}")

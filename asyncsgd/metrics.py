@@ -138,6 +138,8 @@ class Recorder:
         self.epoch = 0
         self.train_time_s = 0.0
         self._epoch_start: Optional[float] = None
+        # Called at the end of every `tick` (coordinating thread): periodic evaluation hooks in here.
+        self.on_tick: Optional[Callable[[], None]] = None
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -152,6 +154,11 @@ class Recorder:
     def record_update(self, update: Update) -> None:
         self.updates.append(update)
 
+    @property
+    def finished(self) -> int:
+        """Steps reported finished so far (read by any thread; `steps` counts those consumed by `tick`)."""
+        return len(self._done)
+
     # -- called by the coordinator ---------------------------------------------------------------
     @property
     def samples(self) -> int:
@@ -165,10 +172,18 @@ class Recorder:
         self.epoch = epoch
         self._epoch_start = time.perf_counter()
 
-    def end_epoch(self) -> None:
-        self.tick()
-        self.train_time_s = self.wall_time_s()
-        self._epoch_start = None
+    @property
+    def running(self) -> bool:
+        """An epoch has started and not ended (its time counts)."""
+        return self._epoch_start is not None
+
+    def end_epoch(self, tick: bool = True) -> None:
+        try:
+            if tick:
+                self.tick()
+        finally:
+            self.train_time_s = self.wall_time_s()
+            self._epoch_start = None
 
     def tick(self) -> None:
         """Consumes newly finished steps: losses, progress bar, periodic train records.
@@ -198,6 +213,8 @@ class Recorder:
                 self._bar.update(advanced)
                 self._bar.set_postfix(loss=f"{self.losses[-1]:.4f}", samples_s=f"{self.samples / wall:.0f}",
                                       refresh=False)
+        if self.on_tick is not None:
+            self.on_tick()
 
     def _log_train(self) -> None:
         wall = self.wall_time_s()

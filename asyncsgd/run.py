@@ -24,12 +24,19 @@ from asyncsgd.metrics import JsonlWriter, NonFiniteLoss, Recorder, measure_peak_
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
-from asyncsgd.trainers import UNITS_NEEDED, EpochPlan, Session, get_trainer, staleness_bound
-from asyncsgd.units import Units, tree_nbytes
+from asyncsgd.delays import parse_delay
+from asyncsgd.devices import run_devices
+from asyncsgd.trainers import EpochPlan, Session, get_trainer, staleness_bound, units_needed
+from asyncsgd.trainers.lapsgd import lpp_slices
+from asyncsgd.units import Units, on_home, tree_nbytes
 
 
 class OutputExists(ConfigError):
     """The output directory already holds a finished run."""
+
+
+class TargetReached(Exception):
+    """The periodic test evaluation reached `--target-accuracy`: the run stops (a normal end)."""
 
 
 def load_for(config: TrainConfig) -> Dataset:
@@ -87,13 +94,59 @@ def _write_json(path: str, payload: dict) -> None:
 def evaluate(units: Units, params: list, states: list, x: np.ndarray, y: np.ndarray,
              batch_size: int) -> tuple[float, float]:
     """Test loss and accuracy of `params` (batch norm: running statistics `states`) over the whole
-    split (padded last batch masked out)."""
+    split (padded last batch masked out). Parameters held elsewhere (a ddp replica, a device copy)
+    are brought to the default device first."""
+    params, states = on_home((params, states))
     loss_sum, correct = jnp.zeros(()), jnp.zeros(())
     for xb, yb, mask in eval_batches(x, y, batch_size):
         batch_loss, batch_correct = units.evaluate(params, states, xb, yb, mask)
         loss_sum, correct = loss_sum + batch_loss, correct + batch_correct
     count = len(y)
     return float(loss_sum) / count, float(correct) / count  # blocks: reads the result
+
+
+class _TestEvaluator:
+    """Test evaluations of a run: between epochs (workers stopped; not counted in the wall time) and,
+    with `eval_every_steps` or `target_accuracy`, every so many steps while the workers run, on
+    `session.view()` (a snapshot; nobody pauses). Reaching the target raises `TargetReached`."""
+
+    def __init__(self, session: Session, config: TrainConfig, per_epoch: int):
+        self.session, self.config = session, config
+        self.every = config.eval_every_steps or (max(1, per_epoch // 10) if config.target_accuracy else None)
+        self.next_step = self.every
+        self.loss = self.accuracy = float("nan")
+        self.time_s = 0.0
+        self.time_to_target_s: Optional[float] = None
+        self.steps_to_target: Optional[int] = None
+
+    def evaluate(self, running: bool) -> None:
+        session, recorder = self.session, self.session.recorder
+        wall, steps = recorder.wall_time_s(), recorder.steps
+        start = time.perf_counter()
+        params, states = session.view()
+        self.loss, self.accuracy = evaluate(session.units, params, states, session.dataset.test_x,
+                                            session.dataset.test_y, eval_batch_size(self.config, session.dataset))
+        self.time_s += time.perf_counter() - start
+        recorder.log({"event": "eval", "epoch": recorder.epoch, "step": steps, "samples": steps * recorder.batch_size,
+                      "wall_time_s": round(wall, 4), "test_loss": self.loss, "test_accuracy": self.accuracy,
+                      "train_loss": recorder.train_loss(), "during_epoch": running})
+        target = self.config.target_accuracy
+        if target is not None and self.time_to_target_s is None and self.accuracy >= target:
+            self.time_to_target_s, self.steps_to_target = wall, steps
+
+    def maybe_evaluate(self) -> None:
+        """Called by the recorder's tick (the coordinating thread) while the workers run."""
+        if self.every is None or self.session.recorder.steps < self.next_step:
+            return
+        while self.next_step <= self.session.recorder.steps:
+            self.next_step += self.every
+        self.evaluate(running=True)
+        self.check_target()
+
+    def check_target(self) -> None:
+        if self.time_to_target_s is not None:
+            raise TargetReached(f"test accuracy {self.accuracy:.4f} >= {self.config.target_accuracy} "
+                                f"after {self.time_to_target_s:.1f}s")
 
 
 def _write_updates(path: str, recorder: Recorder) -> None:
@@ -127,13 +180,30 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict,
     if config.max_steps is not None:
         total_steps = min(total_steps, config.max_steps)
     units = Units(model, make_optimizer(config, total_steps), config.residuals)
+    devices = run_devices(config.devices)
     params, states = model.init(jax.random.PRNGKey(config.seed))
     opt_states = units.init_opt_states(params)
-    units.warmup(params, opt_states, states, config.batch_size, eval_batch_size(config, dataset),
-                 groups=unit_groups or UNITS_NEEDED[config.trainer])
+    if config.trainer == "ddp":
+        from jax.sharding import Mesh, NamedSharding, PartitionSpec
+        mesh = Mesh(np.array(devices), ("devices",))
+        units.build_ddp_step(mesh)
+        params, opt_states, states = jax.device_put((params, opt_states, states), NamedSharding(mesh, PartitionSpec()))
+    if config.trainer == "lppsgd":
+        units.build_partial_grads(lpp_slices(len(model.stages), config.workers))
+    units.average_copies = len(devices)
+    if unit_groups is not None:
+        every, home = tuple(unit_groups), ()
+    else:
+        every, home = units_needed(config.trainer, len(devices))
+    if every:
+        units.warmup(params, opt_states, states, config.batch_size, eval_batch_size(config, dataset), groups=every,
+                     devices=devices if len(devices) > 1 else None)
+    units.warmup(params, opt_states, states, config.batch_size, eval_batch_size(config, dataset), groups=home)
     store = ParamStore(model.stage_names, params, opt_states, states)
     recorder = Recorder(model.stage_names, config.batch_size, total_steps, **recorder_kwargs)
-    return Session(config, model, units, store, dataset, recorder), total_steps
+    session = Session(config, model, units, store, dataset, recorder, devices=devices,
+                      delay=parse_delay(config.delay, devices=len(devices)))
+    return session, total_steps
 
 
 def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
@@ -162,9 +232,9 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
     flops_per_step = units.step_flops(store.params(), store.opt_states(), store.states(), config.batch_size)
     peak_flops = measure_peak_flops()
     status, epochs_completed = "failed", 0
-    test_loss = test_accuracy = float("nan")
-    eval_time_s = 0.0
     diverged: Optional[NonFiniteLoss] = None
+    tests = _TestEvaluator(session, config, per_epoch)
+    recorder.on_tick = tests.maybe_evaluate
     try:
         for epoch in range(config.epochs):
             remaining = total_steps - epoch * per_epoch
@@ -172,22 +242,22 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
                 break
             plan = EpochPlan(epoch, epoch * per_epoch, min(per_epoch, remaining))
             recorder.start_epoch(epoch)
-            run_epoch(session, plan)
-            recorder.end_epoch()
+            try:
+                run_epoch(session, plan)
+                recorder.end_epoch()
+            finally:
+                if recorder.running:
+                    recorder.end_epoch(tick=False)
             epochs_completed = epoch + 1
             last = epochs_completed == config.epochs or (epoch + 1) * per_epoch >= total_steps
             if (epoch + 1) % config.eval_every == 0 or last:
-                start = time.perf_counter()
-                snapshot = store.snapshot()
-                test_loss, test_accuracy = evaluate(units, [s.params for s in snapshot], [s.state for s in snapshot],
-                                                    dataset.test_x, dataset.test_y, eval_batch_size(config, dataset))
-                eval_time_s += time.perf_counter() - start
-                recorder.log({"event": "eval", "epoch": epoch, "step": recorder.steps, "samples": recorder.samples,
-                              "wall_time_s": round(recorder.wall_time_s(), 4), "test_loss": test_loss,
-                              "test_accuracy": test_accuracy, "train_loss": recorder.train_loss()})
+                tests.evaluate(running=False)
             for name, stats in recorder.staleness().items():
                 recorder.log({"event": "staleness", "epoch": epoch, "stage": name,
                               **{k: stats[k] for k in ("count", "mean", "p95", "max")}})
+            tests.check_target()
+        status = "complete"
+    except TargetReached:
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
@@ -214,14 +284,21 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
             "samples": recorder.samples,
             "wall_time_s": wall,
             "compile_time_s": units.compile_time_s,
-            "eval_time_s": eval_time_s,
+            "eval_time_s": tests.time_s,
             "samples_per_s": samples_per_s,
-            "test_accuracy": test_accuracy,
-            "test_loss": test_loss,
+            "test_accuracy": tests.accuracy,
+            "test_loss": tests.loss,
+            "target_accuracy": config.target_accuracy,
+            "time_to_target_s": tests.time_to_target_s,
+            "steps_to_target": tests.steps_to_target,
             "train_loss": recorder.train_loss(),
             "staleness": recorder.staleness(),
-            "staleness_bound": staleness_bound(config.trainer, config.max_inflight, config.workers),
-            "updates_per_stage": dict(zip(session.model.stage_names, store.versions())),
+            "staleness_bound": staleness_bound(config.trainer, config.max_inflight, config.workers, config.devices),
+            "updates_per_stage": dict(zip(session.model.stage_names, session.updates_per_stage())),
+            "devices": len(session.devices),
+            "delay": str(session.delay),
+            "averaging_rounds": session.averaging_rounds,
+            "pulls_per_device": [view.pulls for view in session.views],
             # Batch-norm running-statistics steps committed per stage (stages with state only).
             "state_updates_per_stage": {name: slot.state_version for name, slot in
                                         zip(session.model.stage_names, store.snapshot()) if slot.state},

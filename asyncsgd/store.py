@@ -91,12 +91,16 @@ class ParamStore:
             self._slots[stage] = after
         return after
 
-    def commit_all(self, update: Callable[[list, list, list], tuple]) -> list[Commit]:
+    def commit_all(self, update: Callable[[list, list, list], tuple], count: bool = True) -> list[Commit]:
         """Atomically replaces every stage with `update(params_list, opt_list, state_list)`.
 
         `update` returns `(params_list, opt_list, state_list, extra)`; a stage whose returned state
         is non-empty and not the object it was given gets its `state_version` bumped. Locks are taken in stage
         order (the one global order, so no deadlock with `snapshot`).
+
+        Args:
+          count: bump every stage's version (a gradient update). False for a change that is not one
+            (LAP-SGD's averaging): versions count gradient updates, so staleness stays theirs.
         Returns:
           One `Commit` per stage; `extra` of each is the update's fourth output.
         """
@@ -108,7 +112,7 @@ class ParamStore:
                 [s.params for s in before], [s.opt_state for s in before], [s.state for s in before])
             commits = []
             for stage, (old, params, opt_state, state) in enumerate(zip(before, params_list, opt_list, state_list)):
-                new = Slot(old.version + 1, params, opt_state, state,
+                new = Slot(old.version + count, params, opt_state, state,
                            old.state_version + (bool(state) and state is not old.state))
                 self._slots[stage] = new
                 commits.append(Commit(old, new, extra))

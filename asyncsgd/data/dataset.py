@@ -100,11 +100,12 @@ def iterate_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, fi
 
 
 def prefetch_worker(worker, dataset: Dataset, batch_size: int, seed: int, epoch: int, first_seq: int,
-                    max_batches: Optional[int], out, augment: bool = False) -> None:
-    """Worker body: gathers (and augments) batches on the host, copies them to the device, feeds `out`."""
+                    max_batches: Optional[int], out, augment: bool = False, placement=None) -> None:
+    """Worker body: gathers (and augments) batches on the host, copies them to the device (or the
+    sharding `placement`; default: the default device), feeds `out`."""
     for seq, x, y in iterate_batches(dataset, batch_size, seed, epoch, first_seq, max_batches, augment):
         worker.beat(f"preparing batch {seq}")
-        worker.put(out, Batch(seq, epoch, jax.device_put(x), jax.device_put(y)))
+        worker.put(out, Batch(seq, epoch, jax.device_put(x, placement), jax.device_put(y, placement)))
 
 
 def eval_batches(x: np.ndarray, y: np.ndarray, batch_size: int):

@@ -5,17 +5,22 @@ the stage's new batch-norm statistics right away (merged into whatever is curren
 `StagedModel.merge_state`; stages without state skip this) and returns a `WorkItem`; a backward pass walks the stages from the last to the first. With layer-wise commits it
 commits stage l as soon as its gradient exists (PD-ASGD); otherwise it collects every gradient and
 commits the whole model at the end (D-ASGD, the block-update ablation).
+
+Both run on one device through that device's `DeviceView`: on the home device straight on the store
+(the backward fuses each stage's update), on another device on its refreshed copies, with each
+gradient sent home and applied there by the stage's `update` unit.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 
 from asyncsgd.data.dataset import Batch
 from asyncsgd.metrics import Update
+from asyncsgd.trainers.placement import DeviceView
 from asyncsgd.trainers.session import Session
 from asyncsgd.units import has_state
 
@@ -34,33 +39,38 @@ class WorkItem(NamedTuple):
     times_read: tuple[float, ...]
 
 
-def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool) -> WorkItem:
+def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
+                 view: Optional[DeviceView] = None) -> WorkItem:
     """Runs every forward unit on the store's current parameters, then the loss head.
 
     Args:
       sync_each_stage: wait for stage l's output before reading stage l+1, so each read is as fresh
         as possible (what a forward thread on a device does); off for the sequential trainer.
+      view: the device to run on (default: home).
     """
     units, store = session.units, session.store
-    x, residuals, versions, times = batch.x, [], [], []
+    view = view or session.views[0]
+    x, y = view.put((batch.x, batch.y))
+    residuals, versions, times = [], [], []
     for index, name in enumerate(session.model.stage_names):
         worker.beat(f"forward stage {name} (item {batch.seq})")
-        slot = store.read(index)
+        slot = view.read(index)
         versions.append(slot.version)
         times.append(time.perf_counter())
         x, res, new_state = units.forward[index](slot.params, slot.state, x)
         residuals.append(res)
         if has_state(slot.state):
-            read = slot.state
-            store.commit_state(index, lambda current, index=index, read=read, new=new_state:
+            read, new = view.source(index, slot).state, view.to_home(new_state)
+            store.commit_state(index, lambda current, index=index, read=read, new=new:
                                units.merge_state[index](current, read, new))
         if sync_each_stage:
             x.block_until_ready()  # blocks: the next stage's read must come after this stage ran
-    loss, dlogits = units.loss_grad(x, batch.y)
+    loss, dlogits = units.loss_grad(x, y)
     return WorkItem(batch.seq, loss, dlogits, tuple(residuals), tuple(versions), tuple(times))
 
 
-def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, sync_each_stage: bool) -> Any:
+def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, sync_each_stage: bool,
+                  view: Optional[DeviceView] = None) -> Any:
     """Walks the stages from last to first and commits the updates.
 
     Args:
@@ -68,10 +78,13 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
         whole model after the full backward (D-ASGD).
       sync_each_stage: wait for each stage's input gradient before moving on (a backward thread's
         real pace; it also keeps a committed update computed before others read it).
+      view: the device the item's forward pass ran on (default: home).
     Returns:
       The last array dispatched (block on it to wait for the whole pass).
     """
     units, store, recorder = session.units, session.store, session.recorder
+    view = view or session.views[0]
+    recompute = units.residuals == "recompute"
     names = session.model.stage_names
     dy = item.dlogits_BxC
     grads: list = [None] * len(names)
@@ -79,22 +92,30 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
     for index in reversed(range(len(names))):
         worker.beat(f"backward stage {names[index]} (item {item.seq})")
         residuals = item.residuals[index]
-        if layerwise:
+        if layerwise and view.is_home:
             def update(params, opt_state, index=index, residuals=residuals, dy=dy):
                 return units.backward_update[index](params, opt_state, residuals, dy)
             commit = store.commit(index, update)
             dy = commit.extra
+        elif layerwise:  # another device: gradient here, pushed home, applied to the store there
+            params = view.read(index).params if recompute else view.local(index)
+            grads_here, dy = units.backward[index](params, residuals, dy)
+            pushed = view.to_home(grads_here)
+            commit = store.commit(index, lambda p, o, index=index, g=pushed: units.update[index](p, o, g))
+        if layerwise:
             recorder.record_update(Update(index, item.versions_read[index], commit.before.version,
                                           worker.name, item.times_read[index], time.perf_counter()))
             last = dy if dy is not None else commit.after.params
         else:
             # Recompute mode differentiates at the current parameters; stash mode ignores them.
-            grads[index], dy = units.backward[index](store.read(index).params, residuals, dy)
+            params = view.read(index).params if recompute else view.local(index)
+            grads[index], dy = units.backward[index](params, residuals, dy)
             last = dy if dy is not None else grads[index]
         if sync_each_stage:
             jax.block_until_ready(last)  # blocks: this stage's work finishes before the next starts
     if not layerwise:
         worker.beat(f"committing the whole model (item {item.seq})")
+        grads = view.to_home(grads)
         commits = store.commit_all(lambda params, opts, states: (*units.model_update(params, opts, grads),
                                                                  states, None))
         now = time.perf_counter()

@@ -7,9 +7,11 @@ from typing import Callable, Optional
 
 from asyncsgd.config import TrainConfig
 from asyncsgd.data.dataset import Dataset, prefetch_worker
+from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
 from asyncsgd.models.staged import StagedModel
-from asyncsgd.store import ParamStore
+from asyncsgd.store import ParamStore, Slot
+from asyncsgd.trainers.placement import DeviceView
 from asyncsgd.units import Units
 from asyncsgd.workers import Channel, Crew
 
@@ -18,7 +20,12 @@ PREFETCH_DEPTH = 4  # batches ready on the device ahead of the consumers
 
 @dataclasses.dataclass
 class Session:
-    """The compiled units, the store, the data and the recorder of one run."""
+    """The compiled units, the store, the data and the recorder of one run.
+
+    `devices` are the run's JAX devices (`devices[0]` is home, where `store` lives); `views[d]` is device
+    d's view of the store. `replicas` (LAP-SGD, LPP-SGD) are the per-device model copies, `replicas[0]`
+    being `store`; `model_view` then returns their average instead of the store's snapshot.
+    """
 
     config: TrainConfig
     model: StagedModel
@@ -26,6 +33,36 @@ class Session:
     store: ParamStore
     dataset: Dataset
     recorder: Recorder
+    devices: list = dataclasses.field(default_factory=list)
+    delay: DelaySpec = DelaySpec()
+    views: list = dataclasses.field(default_factory=list)
+    replicas: list = dataclasses.field(default_factory=list)
+    model_view: Optional[Callable[[], tuple[list, list]]] = None
+    averaging_rounds: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.views and self.devices:
+            self.views = [DeviceView(self.store, self.devices, index) for index in range(len(self.devices))]
+
+    def view(self) -> tuple[list, list]:
+        """The model to evaluate now, `(params, states)` on the home device, taken without pausing
+        the workers (a consistent cut of the store, or the average of the device copies)."""
+        if self.model_view is not None:
+            return self.model_view()
+        snapshot = self.store.snapshot()
+        return ([s.params for s in snapshot], [s.state for s in snapshot])
+
+    def updates_per_stage(self) -> list[int]:
+        """Committed updates per stage (summed over the device copies where there are several)."""
+        stores = self.replicas or [self.store]
+        return [sum(versions) for versions in zip(*(store.versions() for store in stores))]
+
+    def snapshot(self) -> list[Slot]:
+        return self.store.snapshot()
+
+    def worker_delay(self, worker, device: int, index: int = 0) -> DeviceDelay:
+        """The delays of one worker (its own seeded generator; sleeps end when the crew stops)."""
+        return DeviceDelay(self.delay, device, self.config.seed, index, stop=worker.crew.stop_event)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,13 +74,18 @@ class EpochPlan:
     max_batches: Optional[int] = None
 
 
-def epoch_crew(session: Session, plan: EpochPlan, consumers: int) -> tuple[Crew, Channel]:
-    """A crew with the prefetch worker already spawned, and the channel of batches it feeds."""
+def epoch_crew(session: Session, plan: EpochPlan, consumers: int, placement=None) -> tuple[Crew, Channel]:
+    """A crew with the prefetch worker already spawned, and the channel of batches it feeds.
+
+    Args:
+      placement: where the prefetch worker puts each batch (a device or a sharding; default: the
+        default device, from which each device's workers copy what they take).
+    """
     config = session.config
     crew = Crew(f"{config.trainer}-epoch{plan.epoch}", watchdog_s=config.watchdog_s)
-    batches = Channel("batches", PREFETCH_DEPTH)
+    batches = Channel("batches", PREFETCH_DEPTH * max(1, len(session.devices)))
     crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
-               plan.first_seq, plan.max_batches, batches, config.augment, closes=[batches])
+               plan.first_seq, plan.max_batches, batches, config.augment, placement, closes=[batches])
     return crew, batches
 
 
