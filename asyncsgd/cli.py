@@ -112,6 +112,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
     g.add_argument("--watchdog", type=float, default=d.watchdog_s, dest="watchdog_s",
                    help="seconds without progress before a run is declared stuck")
     g.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
+    g.add_argument("--checkpoint-every", default=None,
+                   help="write a checkpoint every N steps (500) or seconds (30s) into OUT/checkpoints; one is "
+                        "always written on Ctrl+C / SIGTERM")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="keep the last K checkpoints")
 
 
 def _config_from(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -127,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train one model with one trainer")
     p.add_argument("--trainer", choices=TRAINERS, default=_DEFAULTS.trainer)
+    p.add_argument("--resume", metavar="OUT", default=None,
+                   help="continue the run in OUT from its latest checkpoint, with its saved configuration "
+                        "(flags that would change what is computed are refused)")
     _add_run_flags(p, model_default="cnn", epochs_default=1)
     p = sub.add_parser("compare", help="train with several trainers one after another and print a table")
     p.add_argument("--trainers", type=_trainer_list, default=["sync", "pdasgd", "dasgd", "hogwild"])
@@ -150,8 +157,25 @@ def _default_out(config: TrainConfig, command: str) -> str:
     return f"runs/{config.trainer}-{config.model}-{config.dataset}"
 
 
+def _explicit(parser: argparse.ArgumentParser, command: str, argv: Sequence[str]) -> set[str]:
+    """The destinations of the flags given on the command line (not left at their defaults)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    by_flag = {flag: action.dest for action in sub._actions for flag in action.option_strings}
+    return {by_flag[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in by_flag}
+
+
 def _main(argv: Optional[Sequence[str]]) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "resume", None):
+        from asyncsgd.run import resume_config
+        explicit = _explicit(parser, "train", argv) - {"resume"}
+        config = resume_config(args.resume, {name: getattr(args, name) for name in explicit})
+        from asyncsgd.devices import request_cpu_devices
+        request_cpu_devices(config.devices)
+        from asyncsgd.run import train
+        return _report(train(config, resume=True), config)
     from asyncsgd.devices import request_cpu_devices
     request_cpu_devices(args.devices)  # before anything starts JAX's backend
     if args.command == "bench" and args.models:
@@ -176,7 +200,10 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         print(f"\nresults: {config.out}/comparison.md, comparison.json and one folder per trainer")
         return 0
     from asyncsgd.run import train
-    summary = train(config)
+    return _report(train(config), config)
+
+
+def _report(summary: dict, config: TrainConfig) -> int:
     keys = ("trainer", "model", "dataset", "devices", "delay", "epochs_completed", "steps", "test_accuracy",
             "test_loss", "time_to_target_s", "samples_per_s", "wall_time_s", "compile_time_s", "mfu", "peak_rss_mb")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))

@@ -92,6 +92,9 @@ class TrainConfig:
     # and let XLA's runtime order them by data dependencies (False). Versions and staleness are exact
     # either way (they follow dispatch order); see README "Measured on this machine".
     stage_sync: bool = True
+    # Checkpoints: every N steps ("500") or seconds ("30s"), None: only on Ctrl+C / SIGTERM; keep the last K.
+    checkpoint_every: Optional[str] = None
+    keep_checkpoints: int = 2
     # Plumbing.
     eval_every: int = 1
     log_every: int = 20
@@ -116,6 +119,22 @@ def _require(condition: bool, message: str) -> None:
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _require(value in choices, f"--{name.replace('_', '-')}: unknown value {value!r}; "
              f"choose one of {', '.join(choices)}")
+
+
+def parse_every(text: Optional[str]) -> Optional[tuple[str, float]]:
+    """`--checkpoint-every`: "500" -> ("steps", 500), "30s" -> ("seconds", 30.0), None -> None."""
+    if text is None:
+        return None
+    raw = str(text).strip()
+    try:
+        if raw.endswith("s"):
+            value, unit = float(raw[:-1]), "seconds"
+        else:
+            value, unit = int(raw), "steps"
+    except ValueError:
+        raise ConfigError(f"--checkpoint-every: expected a step count (500) or seconds (30s), got {text!r}") from None
+    _require(math.isfinite(value) and value > 0, f"--checkpoint-every must be > 0, got {text!r}")
+    return unit, value
 
 
 def validate(config: TrainConfig) -> TrainConfig:
@@ -166,6 +185,8 @@ def validate(config: TrainConfig) -> TrainConfig:
              f"--target-accuracy must be in (0, 1], got {config.target_accuracy}")
     _require(config.eval_every_steps is None or config.eval_every_steps >= 1,
              f"--eval-every-steps must be >= 1, got {config.eval_every_steps}")
+    parse_every(config.checkpoint_every)
+    _require(config.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {config.keep_checkpoints}")
     from asyncsgd.delays import parse_delay  # noqa: PLC0415  (delays imports ConfigError from here)
     parse_delay(config.delay, devices=config.devices)
     _require(config.eval_every >= 1, f"--eval-every must be >= 1, got {config.eval_every}")

@@ -131,7 +131,11 @@ class Recorder:
         self.updates: list[Update] = []
         self._done: list[tuple[int, Any]] = []   # (seq, loss device scalar), appended by workers
         self._cursor = 0
+        self._base = 0  # steps restored from a checkpoint
         self.steps = 0
+        # Every batch with seq <= done_through has finished (the low-water mark; a checkpoint's position).
+        self.done_through = -1
+        self._above: set[int] = set()
         self.losses: list[float] = []
         self._window: list[float] = []
         self.queue_depth: Optional[Callable[[], int]] = None
@@ -157,7 +161,7 @@ class Recorder:
     @property
     def finished(self) -> int:
         """Steps reported finished so far (read by any thread; `steps` counts those consumed by `tick`)."""
-        return len(self._done)
+        return self._base + len(self._done)
 
     # -- called by the coordinator ---------------------------------------------------------------
     @property
@@ -203,6 +207,10 @@ class Recorder:
                                         f"(batch {seq})", step=self.steps + 1, seq=seq)
                 self.losses.append(value)
                 self._window.append(value)
+                self._above.add(seq)
+                while self.done_through + 1 in self._above:
+                    self.done_through += 1
+                    self._above.discard(self.done_through)
                 self.steps += 1
                 advanced += 1
                 if self.steps % self.log_every == 0:
@@ -215,6 +223,21 @@ class Recorder:
                                       refresh=False)
         if self.on_tick is not None:
             self.on_tick()
+
+    def state(self) -> dict:
+        """What a checkpoint keeps of the recorder (at its low-water mark `done_through`)."""
+        return {"steps": self.done_through + 1, "losses": self.losses[:self.done_through + 1],
+                "train_time_s": self.wall_time_s(), "epoch": self.epoch}
+
+    def restore(self, state: dict) -> None:
+        """Continues from a checkpoint's `state()`: the next batch is seq `state["steps"]`."""
+        self.steps = self._base = self.done_through = state["steps"]
+        self.done_through -= 1
+        self.losses = list(state["losses"])
+        self.train_time_s = state["train_time_s"]
+        self.epoch = state["epoch"]
+        if self._bar is not None:
+            self._bar.update(self.steps)
 
     def _log_train(self) -> None:
         wall = self.wall_time_s()

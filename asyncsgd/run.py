@@ -11,6 +11,7 @@ import csv
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Optional
 
@@ -18,14 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from asyncsgd import checkpoint
 from asyncsgd.config import ConfigError, TrainConfig, validate
 from asyncsgd.data import Dataset, eval_batches, load_dataset, steps_per_epoch
+from asyncsgd.delays import parse_delay
+from asyncsgd.devices import run_devices
 from asyncsgd.metrics import JsonlWriter, NonFiniteLoss, Recorder, measure_peak_flops, peak_rss_mb
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
-from asyncsgd.delays import parse_delay
-from asyncsgd.devices import run_devices
 from asyncsgd.trainers import EpochPlan, Session, get_trainer, staleness_bound, units_needed
 from asyncsgd.trainers.lapsgd import lpp_slices
 from asyncsgd.units import Units, on_home, tree_nbytes
@@ -56,11 +58,48 @@ def prepare_dataset(config: TrainConfig, dataset: Optional[Dataset] = None) -> D
     return dataset
 
 
-def prepare_out_dir(config: TrainConfig) -> Optional[str]:
-    """Creates the output directory; refuses to overwrite a finished run unless `overwrite`."""
+# Configuration fields a resumed run may change (they do not change what is computed).
+RESUMABLE_CHANGES = ("progress", "watchdog_s", "log_every", "overwrite", "checkpoint_every", "keep_checkpoints",
+                     "eval_batch_size")
+
+
+def resume_config(out: str, overrides: Optional[dict] = None) -> TrainConfig:
+    """The configuration saved in `out` (a run to resume) with `overrides` (fields the user asked for
+    explicitly). An override that changes anything but `RESUMABLE_CHANGES` is a `CheckpointError`
+    naming the field."""
+    try:
+        with open(os.path.join(out, "config.json"), encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise checkpoint.CheckpointError(f"--resume {out}: no readable config.json ({exc.__class__.__name__})") from exc
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = set(saved) - fields
+    if unknown:
+        raise checkpoint.CheckpointError(f"--resume {out}: config.json has unknown fields {sorted(unknown)}")
+    config = TrainConfig(**saved)
+    for name, value in sorted((overrides or {}).items()):
+        if name in ("out", "trainer") and value is None or name not in fields:
+            continue
+        if name not in RESUMABLE_CHANGES and value != getattr(config, name):
+            raise checkpoint.CheckpointError(
+                f"--resume {out}: --{name.replace('_', '-')} {value} differs from the saved run's "
+                f"{getattr(config, name)}; a resumed run keeps its configuration")
+    config = dataclasses.replace(config, **{k: v for k, v in (overrides or {}).items() if k in RESUMABLE_CHANGES})
+    return dataclasses.replace(config, out=out)
+
+
+def prepare_out_dir(config: TrainConfig, resume: bool = False) -> Optional[str]:
+    """Creates the output directory; refuses to overwrite a finished run unless `overwrite`. With
+    `resume` the directory must hold a checkpoint and its files are kept (appended to)."""
     if config.out is None:
         return None
     summary = os.path.join(config.out, "summary.json")
+    if resume:
+        if _finished(summary):
+            raise OutputExists(f"--resume {config.out}: the run is already complete")
+        if checkpoint.latest(config.out) is None:
+            raise checkpoint.CheckpointError(f"--resume {config.out}: no checkpoint in {config.out}/checkpoints")
+        return config.out
     if _finished(summary) and not config.overwrite:
         raise OutputExists(f"--out {config.out} already holds a finished run (summary.json); "
                            "pass --overwrite or choose another directory")
@@ -105,6 +144,51 @@ def evaluate(units: Units, params: list, states: list, x: np.ndarray, y: np.ndar
     return float(loss_sum) / count, float(correct) / count  # blocks: reads the result
 
 
+class _Checkpointer:
+    """Writes checkpoints every `config.checkpoint_every` steps or seconds (from the coordinating
+    thread, workers running) and on request (an interrupted run)."""
+
+    def __init__(self, session: Session, tests: "_TestEvaluator", out: Optional[str]):
+        from asyncsgd.config import parse_every
+        self.session, self.tests, self.out = session, tests, out
+        self.every = parse_every(session.config.checkpoint_every) if out else None
+        self.last_steps = 0
+        self.last_time = time.monotonic()
+        self.last_path: Optional[str] = None
+
+    def maybe_save(self) -> None:
+        if self.every is None:
+            return
+        unit, value = self.every
+        recorder = self.session.recorder
+        due = (recorder.done_through + 1 - self.last_steps >= value if unit == "steps"
+               else time.monotonic() - self.last_time >= value)
+        if due:
+            self.save()
+
+    def save(self) -> None:
+        position = self.session.recorder.state()  # first the position, then the snapshot (at-least-once)
+        self.last_path = checkpoint.save(self.out, self.session, position, self.tests.state(),
+                                         keep=self.session.config.keep_checkpoints)
+        self.last_steps, self.last_time = position["steps"], time.monotonic()
+        self.session.recorder.log({"event": "checkpoint", "step": position["steps"],
+                                   "path": os.path.relpath(self.last_path, self.out)})
+
+    def save_quietly(self) -> None:
+        """On Ctrl+C: a checkpoint if there is an output directory; a failure here must not hide the
+        interrupt (it is reported on stderr)."""
+        if self.out is None:
+            return
+        try:
+            self.session.recorder.tick()
+        except Exception:  # noqa: BLE001 - a non-finite loss among the last steps: keep the last checkpoint
+            return
+        try:
+            self.save()
+        except Exception as exc:  # noqa: BLE001
+            print(f"asyncsgd: warning: no checkpoint on interrupt: {exc}", file=sys.stderr)
+
+
 class _TestEvaluator:
     """Test evaluations of a run: between epochs (workers stopped; not counted in the wall time) and,
     with `eval_every_steps` or `target_accuracy`, every so many steps while the workers run, on
@@ -133,6 +217,15 @@ class _TestEvaluator:
         target = self.config.target_accuracy
         if target is not None and self.time_to_target_s is None and self.accuracy >= target:
             self.time_to_target_s, self.steps_to_target = wall, steps
+
+    def state(self) -> dict:
+        return {"next_step": self.next_step, "loss": self.loss, "accuracy": self.accuracy, "time_s": self.time_s,
+                "time_to_target_s": self.time_to_target_s, "steps_to_target": self.steps_to_target}
+
+    def restore(self, state: dict) -> None:
+        self.next_step = state["next_step"]
+        self.loss, self.accuracy, self.time_s = state["loss"], state["accuracy"], state["time_s"]
+        self.time_to_target_s, self.steps_to_target = state["time_to_target_s"], state["steps_to_target"]
 
     def maybe_evaluate(self) -> None:
         """Called by the recorder's tick (the coordinating thread) while the workers run."""
@@ -206,23 +299,27 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: dict,
     return session, total_steps
 
 
-def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
+def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool = False) -> dict:
     """Runs one training run and returns its summary (also written to `config.out/summary.json`).
 
     Args:
       config: the run's configuration (validated here).
       dataset: an already loaded dataset (raw); by default `config.dataset` is loaded.
+      resume: continue the run in `config.out` from its latest checkpoint (see `resume_config`).
     Returns:
       The summary dict (see README, "Outputs").
     Raises:
       ConfigError: invalid configuration or output directory.
-      KeyboardInterrupt: after writing the partial outputs with status "interrupted".
+      KeyboardInterrupt: after writing a checkpoint (with `out`) and the partial outputs with status
+        "interrupted".
       NonFiniteLoss: the loss became NaN/inf; the run stops, the outputs are written with status
         "diverged" (the summary is also attached to the exception as `.summary`).
     """
     validate(config)
+    if resume and config.out is None:
+        raise ConfigError("--resume needs the run's output directory")
     dataset = prepare_dataset(config, dataset)
-    out = prepare_out_dir(config)
+    out = prepare_out_dir(config, resume)
     writer = JsonlWriter(os.path.join(out, "metrics.jsonl") if out else None)
     session, total_steps = build_session(config, dataset, dict(
         writer=writer, log_every=config.log_every, progress=config.progress, desc=config.trainer))
@@ -234,13 +331,38 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
     status, epochs_completed = "failed", 0
     diverged: Optional[NonFiniteLoss] = None
     tests = _TestEvaluator(session, config, per_epoch)
-    recorder.on_tick = tests.maybe_evaluate
+    saver = _Checkpointer(session, tests, out)
+    start = 0
+    if resume:
+        if config.trainer in ("lapsgd", "lppsgd"):
+            from asyncsgd.trainers.lapsgd import prepare
+            prepare(session)
+        path = checkpoint.latest(out)
+        meta = checkpoint.restore(path, session)
+        recorder.restore(meta["recorder"])
+        tests.restore(meta["evaluator"])
+        start = meta["steps"]
+        saver.last_steps = start
+        recorder.log({"event": "resume", "from_step": start, "checkpoint": os.path.basename(path)})
+        earlier = os.path.join(out, "updates.csv")
+        if os.path.exists(earlier):  # the interrupted segment's updates (updates.csv gets the new ones)
+            os.replace(earlier, os.path.join(out, f"updates.before-step-{start}.csv"))
+    if out:  # a run killed before its end leaves this "running" summary: clearly partial
+        _write_json(os.path.join(out, "summary.json"), {"status": "running", "trainer": config.trainer,
+                                                        "resumed_from_step": start if resume else None})
+
+    def on_tick() -> None:
+        tests.maybe_evaluate()
+        saver.maybe_save()
+    recorder.on_tick = on_tick
+    epochs_completed = start // per_epoch
     try:
-        for epoch in range(config.epochs):
-            remaining = total_steps - epoch * per_epoch
+        for epoch in range(start // per_epoch, config.epochs):
+            skip = start - epoch * per_epoch if epoch == start // per_epoch else 0
+            remaining = total_steps - epoch * per_epoch - skip
             if remaining <= 0:
                 break
-            plan = EpochPlan(epoch, epoch * per_epoch, min(per_epoch, remaining))
+            plan = EpochPlan(epoch, epoch * per_epoch + skip, min(per_epoch - skip, remaining), skip)
             recorder.start_epoch(epoch)
             try:
                 run_epoch(session, plan)
@@ -261,6 +383,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
         status = "complete"
     except KeyboardInterrupt:
         status = "interrupted"
+        saver.save_quietly()  # the workers have stopped: this is the state to resume from
         raise
     except NonFiniteLoss as exc:
         status, diverged = "diverged", exc
@@ -309,6 +432,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None) -> dict:
             "peak_flops": peak_flops,
             "mfu": flops_per_step * (samples_per_s / config.batch_size) / peak_flops if peak_flops else 0.0,
             "max_trace_count": units.max_trace_count(),
+            "resumed_from_step": start if resume else None,
+            "checkpoint": saver.last_path,
             "diverged": None if diverged is None else {"step": diverged.step, "batch": diverged.seq,
                                                        "message": str(diverged)},
             "jax_version": jax.__version__,

@@ -15,6 +15,7 @@ version order therefore equals the order in which the updates are applied to the
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
@@ -120,6 +121,17 @@ class ParamStore:
         finally:
             for lock in reversed(self._locks):
                 lock.release()
+
+    def load(self, versions: Sequence[int], params: Sequence[Any], opt_states: Sequence[Any], states: Sequence[Any],
+             state_versions: Sequence[int]) -> None:
+        """Replaces every slot (a restored checkpoint); only before any worker runs."""
+        if not (len(versions) == len(params) == len(opt_states) == len(states) == len(state_versions) == len(self)):
+            raise ValueError("load needs one entry per stage")
+        with contextlib.ExitStack() as stack:
+            for lock in self._locks:
+                stack.enter_context(lock)
+            self._slots = [Slot(int(v), p, o, st, int(sv))
+                           for v, p, o, st, sv in zip(versions, params, opt_states, states, state_versions)]
 
     def snapshot(self) -> list[Slot]:
         """A consistent whole-model cut: no commit is half-way through while it is taken."""

@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 
-QUICK = dict(model="mlp", dataset="fashion_mnist", batch_size=32, lr=0.02, momentum=0.9, warmup_steps=100,
+QUICK = dict(model="mlp", dataset="fashion_mnist", batch_size=32, lr=0.01, momentum=0.9, warmup_steps=100,
              epochs=3, target_accuracy=0.82, random_delay="exp:mean=0.01", eval_every_samples=3200)
 FULL = dict(model="resnet18", dataset="cifar10", batch_size=128, lr=0.1, momentum=0.9, warmup_steps=400,
             epochs=60, target_accuracy=0.90, random_delay="exp:mean=0.05", eval_every_samples=50000 // 4)

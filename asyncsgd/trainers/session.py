@@ -72,6 +72,7 @@ class EpochPlan:
     epoch: int
     first_seq: int
     max_batches: Optional[int] = None
+    skip: int = 0  # batches of the epoch already done (a resumed run starts after them)
 
 
 def epoch_crew(session: Session, plan: EpochPlan, consumers: int, placement=None) -> tuple[Crew, Channel]:
@@ -85,7 +86,7 @@ def epoch_crew(session: Session, plan: EpochPlan, consumers: int, placement=None
     crew = Crew(f"{config.trainer}-epoch{plan.epoch}", watchdog_s=config.watchdog_s)
     batches = Channel("batches", PREFETCH_DEPTH * max(1, len(session.devices)))
     crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
-               plan.first_seq, plan.max_batches, batches, config.augment, placement, closes=[batches])
+               plan.first_seq, plan.max_batches, batches, config.augment, placement, plan.skip, closes=[batches])
     return crew, batches
 
 

@@ -1,0 +1,157 @@
+"""Checkpoints of a running (possibly asynchronous) run, written atomically, and resuming from them.
+
+A checkpoint is a directory `OUT/checkpoints/step-NNNNNNNN/` holding
+  - `trees.msgpack`: every stage's parameters, optimiser state and batch-norm state, for the store and
+    (LAP/LPP-SGD) every device's copy (flax msgpack serialisation, restored into the run's own
+    freshly built trees, so the structure is checked);
+  - `meta.json`: format, position, versions, recorder and evaluator state, the configuration.
+It is written to a hidden temporary directory, flushed to disk, then renamed into place, so a crash
+at any moment (SIGKILL included) leaves either the complete new checkpoint or none; the last `keep`
+are kept.
+
+Consistency without stopping the workers: the position is the recorder's low-water mark (every batch
+up to it has finished; taken first), then each store's `snapshot()` holds the stage locks only while
+it copies the slot references (as long as one commit). The snapshot therefore contains every update
+of the batches up to the position, plus possibly parts of a few later ones (at most the window's
+worth: N x (max-inflight + 1)). Resuming starts at the batch after the position: no batch is lost,
+and those few are trained on again (at-least-once). The data order and augmentation are seeded by
+(seed, epoch) and (seed, batch), so the resumed run sees exactly the batches an uninterrupted one
+would; the delay generators restart from their seeds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Optional
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+
+from asyncsgd.config import ConfigError
+
+FORMAT = 1
+DIR = "checkpoints"
+PREFIX = "step-"
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, unreadable or does not fit the run (one-line message)."""
+
+
+def _trees(stores) -> dict:
+    out = []
+    for store in stores:
+        snap = store.snapshot()
+        out.append({"params": [s.params for s in snap], "opt_states": [s.opt_state for s in snap],
+                    "states": [s.state for s in snap],
+                    "versions": [s.version for s in snap], "state_versions": [s.state_version for s in snap]})
+    return out
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save(out: str, session, position: dict, evaluator: dict, keep: int = 2) -> str:
+    """Writes a checkpoint of `session` at `position` (see the module docstring); returns its path."""
+    stores = session.replicas or [session.store]
+    taken = _trees(stores)
+    arrays = jax.device_get([{k: t[k] for k in ("params", "opt_states", "states")} for t in taken])
+    meta = {"format": FORMAT, "steps": position["steps"], "recorder": position, "evaluator": evaluator,
+            "versions": [t["versions"] for t in taken], "state_versions": [t["state_versions"] for t in taken],
+            "averaging_rounds": session.averaging_rounds, "config": session.config.to_dict(),
+            "saved_at": time.time()}
+    root = os.path.join(out, DIR)
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"{PREFIX}{position['steps']:08d}")
+    tmp = os.path.join(root, f".tmp-{position['steps']:08d}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    for name, payload in (("trees.msgpack", flax.serialization.to_bytes(arrays)),
+                          ("meta.json", json.dumps(meta, indent=1).encode())):
+        with open(os.path.join(tmp, name), "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if os.path.exists(final):
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def checkpoints(out: str) -> list[str]:
+    """Complete checkpoints in `out`, oldest first (temporary directories of a crashed save are ignored)."""
+    root = os.path.join(out, DIR)
+    if not os.path.isdir(root):
+        return []
+    names = sorted(n for n in os.listdir(root) if n.startswith(PREFIX) and n[len(PREFIX):].isdigit())
+    return [os.path.join(root, n) for n in names if os.path.exists(os.path.join(root, n, "meta.json"))]
+
+
+def read_meta(path: str) -> dict:
+    try:
+        with open(os.path.join(path, "meta.json"), encoding="utf-8") as handle:
+            meta = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path}: unreadable meta.json ({exc})") from exc
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: format {meta.get('format')!r}, this version reads {FORMAT}")
+    return meta
+
+
+def latest(out: str) -> Optional[str]:
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def _place_like(values, template):
+    """`values` (NumPy) placed where the matching `template` leaves are (uncommitted stays uncommitted,
+    so compiled units see the placement they were compiled for)."""
+    def place(value, like):
+        if isinstance(like, jax.Array) and like.committed:
+            return jax.device_put(value, like.sharding)
+        return jnp.asarray(value)
+    return jax.tree_util.tree_map(place, values, template)
+
+
+def restore(path: str, session) -> dict:
+    """Loads checkpoint `path` into `session`'s store(s); returns its meta (position, evaluator).
+
+    Raises:
+      CheckpointError: unreadable, or its trees do not fit the session's model.
+    """
+    meta = read_meta(path)
+    stores = session.replicas or [session.store]
+    if len(meta["versions"]) != len(stores):
+        raise CheckpointError(f"checkpoint {path} holds {len(meta['versions'])} model copies; this run has {len(stores)}")
+    template = jax.device_get([{k: t[k] for k in ("params", "opt_states", "states")} for t in _trees(stores)])
+    try:
+        with open(os.path.join(path, "trees.msgpack"), "rb") as handle:
+            values = flax.serialization.from_bytes(template, handle.read())
+        values = jax.tree_util.tree_map(lambda v, t: v.reshape(t.shape).astype(t.dtype), values, template)
+    except Exception as exc:  # corrupt or foreign data: one line, no traceback
+        raise CheckpointError(f"checkpoint {path}: trees.msgpack does not fit this model ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    for index, (store, tree) in enumerate(zip(stores, values)):
+        live = store.snapshot()
+        placed = _place_like(tree, {"params": [s.params for s in live], "opt_states": [s.opt_state for s in live],
+                                    "states": [s.state for s in live]})
+        store.load(meta["versions"][index], placed["params"], placed["opt_states"], placed["states"],
+                   meta["state_versions"][index])
+    session.averaging_rounds = meta.get("averaging_rounds", 0)
+    return meta
