@@ -14,7 +14,8 @@ up to it has finished; taken first), then each store's `snapshot()` holds the st
 it copies the slot references (as long as one commit). The snapshot therefore contains every update
 of the batches up to the position, plus possibly parts of a few later ones (at most the window's
 worth: N x (max-inflight + 1)). Resuming starts at the batch after the position: no batch is lost,
-and those few are trained on again (at-least-once). The data order and augmentation are seeded by
+and those few are trained on again (at-least-once). For `sync` and `ddp`, which commit every stage at
+once per batch, the position is the store's version itself and a resumed run continues exactly. The data order and augmentation are seeded by
 (seed, epoch) and (seed, batch), so the resumed run sees exactly the batches an uninterrupted one
 would; the delay generators restart from their seeds.
 """
@@ -34,6 +35,7 @@ import jax.numpy as jnp
 from asyncsgd.config import ConfigError
 
 FORMAT = 1
+EXACT_TRAINERS = ("sync", "ddp")  # one commit of every stage per batch: the position is exact
 DIR = "checkpoints"
 PREFIX = "step-"
 
@@ -67,6 +69,11 @@ def save(out: str, session, position: dict, evaluator: dict, keep: int = 2) -> s
     """Writes a checkpoint of `session` at `position` (see the module docstring); returns its path."""
     stores = session.replicas or [session.store]
     taken = _trees(stores)
+    if session.config.trainer in EXACT_TRAINERS:
+        # Whole-model commits: the versions count the batches applied, exactly (the recorder may lag
+        # by the step the trainer dispatched before reporting the previous one).
+        steps = min(taken[0]["versions"])
+        position = dict(position, steps=steps, losses=position["losses"][:steps])
     arrays = jax.device_get([{k: t[k] for k in ("params", "opt_states", "states")} for t in taken])
     meta = {"format": FORMAT, "steps": position["steps"], "recorder": position, "evaluator": evaluator,
             "versions": [t["versions"] for t in taken], "state_versions": [t["state_versions"] for t in taken],

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from asyncsgd.config import (CIFAR100_LABELS, DATASETS, MODELS, NORMS, OPTIMIZERS, RESIDUAL_MODES, SCHEDULES, TRAINERS,
-                             ConfigError, TrainConfig)
+                             WINDOW_SCOPES, ConfigError, TrainConfig)
 
 _DEFAULTS = TrainConfig()
 
@@ -94,6 +94,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
                         "exp:mean=0.02 | lognormal:mean=0.02,sigma=1 | periodic:every=50,stall=1.0 "
                         "(seconds; a straggler's compute steps take factor x longer, the random and periodic "
                         "delays follow each pushed update; see README 'Devices and delays')")
+    g.add_argument("--window", choices=WINDOW_SCOPES, default=d.window,
+                   help="run-ahead bound on several devices: one window over all batches (global: hard staleness "
+                        "bound; a straggler holds everyone back) or one per device (device)")
     g.add_argument("--averaging-period", type=int, default=d.averaging_period,
                    help="lapsgd/lppsgd: average the device copies every N global steps (after the warm-up)")
     g.add_argument("--averaging-warmup", type=int, default=d.averaging_warmup,

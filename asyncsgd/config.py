@@ -23,6 +23,7 @@ TEXT_DATASETS = ("imdb", "synthetic_text")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 RESIDUAL_MODES = ("stash", "recompute")
+WINDOW_SCOPES = ("global", "device")
 
 
 class ConfigError(ValueError):
@@ -77,6 +78,9 @@ class TrainConfig:
     residuals: str = "stash"
     # Devices: each hosts its own workers (JAX devices; on a CPU, virtual CPU devices sharing the cores).
     devices: int = 1
+    # The run-ahead window on N devices: "global" (one over all batches: a hard staleness bound, but a
+    # straggler's oldest item holds every device back) or "device" (each device bounds its own).
+    window: str = "global"
     # Extra latency, seeded and applied the same way by every trainer (see `asyncsgd.delays`).
     delay: str = "none"
     # LAP-SGD / LPP-SGD: average the device copies after every global step for the first
@@ -146,6 +150,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _choice("schedule", config.schedule, SCHEDULES)
     _choice("residuals", config.residuals, RESIDUAL_MODES)
     _choice("norm", config.norm, NORMS)
+    _choice("window", config.window, WINDOW_SCOPES)
     _choice("cifar100_labels", config.cifar100_labels, CIFAR100_LABELS)
     text_model, text_data = config.model in TEXT_MODELS, config.dataset in TEXT_DATASETS
     _require(text_model == text_data,

@@ -170,8 +170,9 @@ class _Checkpointer:
         position = self.session.recorder.state()  # first the position, then the snapshot (at-least-once)
         self.last_path = checkpoint.save(self.out, self.session, position, self.tests.state(),
                                          keep=self.session.config.keep_checkpoints)
-        self.last_steps, self.last_time = position["steps"], time.monotonic()
-        self.session.recorder.log({"event": "checkpoint", "step": position["steps"],
+        steps = checkpoint.read_meta(self.last_path)["steps"]
+        self.last_steps, self.last_time = steps, time.monotonic()
+        self.session.recorder.log({"event": "checkpoint", "step": steps,
                                    "path": os.path.relpath(self.last_path, self.out)})
 
     def save_quietly(self) -> None:
@@ -416,7 +417,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
             "steps_to_target": tests.steps_to_target,
             "train_loss": recorder.train_loss(),
             "staleness": recorder.staleness(),
-            "staleness_bound": staleness_bound(config.trainer, config.max_inflight, config.workers, config.devices),
+            "staleness_bound": staleness_bound(config.trainer, config.max_inflight, config.workers, config.devices,
+                                               config.window),
             "updates_per_stage": dict(zip(session.model.stage_names, session.updates_per_stage())),
             "devices": len(session.devices),
             "delay": str(session.delay),

@@ -311,11 +311,14 @@ class Window:
         self._done_through = first_seq - 1  # every item <= this has finished
         self._finished: set[int] = set()    # finished items above the low-water mark
         self._changed = threading.Condition()
+        self.held = 0       # items acquired and not yet released
+        self.peak_held = 0  # the most ever held at once (residual memory is bounded by it)
 
     def acquire(self, worker: Worker, seq: int) -> None:
         """Blocks `worker` until every item up to `seq - size` has been released."""
         older = seq - self.size
         if self._done_through >= older:
+            self._hold()
             return
         worker.waiting_on = f"window (items up to {older} to finish)"
         try:
@@ -323,13 +326,64 @@ class Window:
                 while self._done_through < older:
                     worker.check()
                     self._changed.wait(_POLL_S)
+            self._hold()
         finally:
             worker.waiting_on = None
 
+    def _hold(self) -> None:
+        with self._changed:
+            self.held += 1
+            self.peak_held = max(self.peak_held, self.held)
+
     def release(self, seq: int) -> None:
         with self._changed:
+            self.held -= 1
             self._finished.add(seq)
             while self._done_through + 1 in self._finished:
                 self._done_through += 1
                 self._finished.discard(self._done_through)
             self._changed.notify_all()
+
+
+class Tickets:
+    """The run-ahead bound of a multi-device trainer: one `Window` over the whole run, or one per device.
+
+    `scope="global"`: a batch may start only once every batch up to `seq - size` has finished,
+    whichever device ran it: staleness has a hard bound, but a straggler's oldest item holds every
+    device back once the others are `size` items ahead. `scope="device"`: each device bounds only its
+    own run-ahead (over the batches in the order it took them), so a slow device slows no other one;
+    staleness is then bounded only by how far the other devices get while a slow item is in flight.
+
+    Args:
+      size: the window size per scope (items).
+      first_seq: the first batch seq of the epoch (global scope).
+      devices: how many devices take batches.
+    """
+
+    def __init__(self, size: int, first_seq: int, devices: int, scope: str = "global"):
+        if scope not in ("global", "device"):
+            raise ValueError(f"scope must be 'global' or 'device', got {scope!r}")
+        self.scope = scope
+        count = 1 if scope == "global" else devices
+        self._windows = [Window(size, first_seq=first_seq if scope == "global" else 0) for _ in range(count)]
+        self._next = [0] * count
+        self._lock = threading.Lock()
+
+    def acquire(self, worker: Worker, device: int, seq: int) -> tuple[int, int]:
+        """Blocks until batch `seq`, taken by a worker of `device`, may start; returns its ticket."""
+        if self.scope == "global":
+            ticket = (0, seq)
+        else:
+            with self._lock:
+                ticket = (device, self._next[device])
+                self._next[device] += 1
+        self._windows[ticket[0]].acquire(worker, ticket[1])
+        return ticket
+
+    def release(self, ticket: tuple[int, int]) -> None:
+        self._windows[ticket[0]].release(ticket[1])
+
+    @property
+    def peak_held(self) -> int:
+        """The most items any one scope held at once."""
+        return max(window.peak_held for window in self._windows)

@@ -275,3 +275,19 @@ def test_store_versions_untouched_by_uncounted_commit():
     assert store.versions() == [0]
     store.commit_all(lambda p, o, s: (p, o, s, None))
     assert store.versions() == [1]
+
+
+@pytest.mark.parametrize("trainer", ["pdasgd", "hogwild"])
+def test_device_windows_let_the_fast_device_run_ahead_of_a_straggler(tiny_config, tiny_data, trainer):
+    config = replace(tiny_config, trainer=trainer, devices=2, window="device", max_inflight=1, workers=1,
+                     delay="straggler:device=1,factor=30", lr=0.02, batch_size=8)
+    steps = steps_per_epoch(len(tiny_data.train_y), 8)
+    session = run_steps(config, tiny_data, steps)
+    store, recorder = session.store, session.recorder
+    assert recorder.steps == steps and store.versions() == [steps] * len(store)  # nothing lost
+    by_device = [sum(1 for u in recorder.updates if u.stage == 0 and u.worker.endswith(f"@{d}")) for d in (0, 1)]
+    # The straggler's items take ~30x longer; with per-device windows nobody waits for them.
+    assert by_device[0] > 4 * by_device[1], by_device
+    per_device = config.max_inflight + 1 if trainer == "pdasgd" else max(config.workers, config.max_inflight + 1)
+    assert session.window.scope == "device" and session.window.peak_held <= per_device
+    assert staleness_bound(trainer, config.max_inflight, config.workers, 2, "device") is None

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 from asyncsgd.trainers import ddp, hogwild, lapsgd, layerwise, pdasgd, sync
 from asyncsgd.trainers.session import EpochPlan, Session, TrainerFn
 
@@ -46,12 +48,19 @@ def get_trainer(name: str) -> TrainerFn:
     return TRAINERS[name]
 
 
-def staleness_bound(trainer: str, max_inflight: int, workers: int, devices: int = 1) -> int:
+def staleness_bound(trainer: str, max_inflight: int, workers: int, devices: int = 1,
+                    window: str = "global") -> Optional[int]:
     """The largest staleness a trainer's window allows (0 for the synchronous trainers; for lapsgd and
-    lppsgd, in gradient updates to one device's copy)."""
+    lppsgd, in gradient updates to one device's copy). None: no bound (several devices sharing one
+    store with per-device windows: a slow item's staleness grows with how far the others get)."""
+    scope_devices = devices if window == "global" else 1
+    if trainer in ("lapsgd", "lppsgd"):
+        return 2 * (hogwild.window_size(workers, max_inflight, scope_devices) - 1)
+    if devices > 1 and window == "device" and trainer in ("pdasgd", "dasgd", "hogwild"):
+        return None
     if trainer in ("pdasgd", "dasgd"):
         return pdasgd.staleness_bound(max_inflight, devices)
-    if trainer in ("hogwild", "lapsgd", "lppsgd"):
+    if trainer == "hogwild":
         return 2 * (hogwild.window_size(workers, max_inflight, devices) - 1)
     return 0
 

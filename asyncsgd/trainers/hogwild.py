@@ -15,21 +15,21 @@ from __future__ import annotations
 import time
 
 from asyncsgd.metrics import Update
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
+from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew, make_tickets
 from asyncsgd.units import has_state
-from asyncsgd.workers import Window
+from asyncsgd.workers import Tickets
 
 
 def window_size(workers: int, max_inflight: int, devices: int = 1) -> int:
     return devices * max(workers, max_inflight + 1)
 
 
-def _hogwild_worker(worker, session: Session, batches, window: Window, device: int = 0, index: int = 0) -> None:
+def _hogwild_worker(worker, session: Session, batches, window: Tickets, device: int = 0, index: int = 0) -> None:
     units, store, recorder = session.units, session.store, session.recorder
     view, delay = session.views[device], session.worker_delay(worker, device, index)
     while True:
         batch = worker.get(batches)
-        window.acquire(worker, batch.seq)
+        ticket = window.acquire(worker, device, batch.seq)
         worker.beat(f"gradient (item {batch.seq})")
         x, y = view.put((batch.x, batch.y))
         slots = [view.read(stage) for stage in range(len(store))]
@@ -48,7 +48,7 @@ def _hogwild_worker(worker, session: Session, batches, window: Window, device: i
         now = time.perf_counter()
         for stage, (slot, commit) in enumerate(zip(slots, commits)):
             recorder.record_update(Update(stage, slot.version, commit.before.version, worker.name, t_read, now))
-        window.release(batch.seq)
+        window.release(ticket)
         recorder.item_done(batch.seq, loss)
         delay.after_push()
 
@@ -57,7 +57,7 @@ def run_epoch(session: Session, plan: EpochPlan) -> None:
     config = session.config
     devices = max(1, len(session.devices))
     crew, batches = epoch_crew(session, plan, consumers=config.workers * devices)
-    window = Window(window_size(config.workers, config.max_inflight, devices), first_seq=plan.first_seq)
+    window = make_tickets(session, window_size(config.workers, config.max_inflight), plan)
     for device in range(devices):
         for index in range(config.workers):
             name = f"hogwild-{index}" + (f"@{device}" if devices > 1 else "")

@@ -31,9 +31,9 @@ from asyncsgd.data import steps_per_epoch
 from asyncsgd.metrics import Update
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.hogwild import window_size
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
+from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew, make_tickets
 from asyncsgd.units import has_state
-from asyncsgd.workers import Window
+from asyncsgd.workers import Tickets
 
 _POLL_S = 0.002
 
@@ -88,7 +88,7 @@ def average_copies(session: Session) -> None:
         store.commit_all(shift, count=False)
 
 
-def _local_worker(worker, session: Session, batches, window: Window, device: int, index: int,
+def _local_worker(worker, session: Session, batches, window: Tickets, device: int, index: int,
                   partial: bool) -> None:
     units, recorder = session.units, session.recorder
     store = session.replicas[device]
@@ -98,7 +98,7 @@ def _local_worker(worker, session: Session, batches, window: Window, device: int
     step = 0
     while True:
         batch = worker.get(batches)
-        window.acquire(worker, batch.seq)
+        ticket = window.acquire(worker, device, batch.seq)
         worker.beat(f"gradient (item {batch.seq})")
         x, y = (batch.x, batch.y) if device == 0 else jax.device_put((batch.x, batch.y), here)
         slots = [store.read(stage) for stage in range(len(store))]
@@ -122,7 +122,7 @@ def _local_worker(worker, session: Session, batches, window: Window, device: int
             if has_state(slot.state):
                 store.commit_state(stage, lambda current, stage=stage, read=slot.state, new=new_states[stage]:
                                    units.merge_state[stage](current, read, new))
-        window.release(batch.seq)
+        window.release(ticket)
         recorder.item_done(batch.seq, jax.device_put(loss, session.devices[0]) if device else loss)
         delay.after_push()
         step += 1
@@ -157,7 +157,7 @@ def _run(session: Session, plan: EpochPlan, partial: bool) -> None:
     prepare(session)
     devices = len(session.devices)
     crew, batches = epoch_crew(session, plan, consumers=config.workers * devices)
-    window = Window(window_size(config.workers, config.max_inflight, devices), first_seq=plan.first_seq)
+    window = make_tickets(session, window_size(config.workers, config.max_inflight), plan)
     for device in range(devices):
         for index in range(config.workers):
             crew.spawn(f"{config.trainer}-{index}@{device}", _local_worker, session, batches, window, device,

@@ -37,6 +37,7 @@ class WorkItem(NamedTuple):
     residuals: tuple
     versions_read: tuple[int, ...]
     times_read: tuple[float, ...]
+    ticket: tuple = (0, -1)  # the run-ahead window slot it holds (released after its backward pass)
 
 
 def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,

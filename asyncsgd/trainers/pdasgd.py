@@ -26,8 +26,8 @@ import time
 import jax
 
 from asyncsgd.trainers.passes import backward_pass, forward_pass
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
-from asyncsgd.workers import Channel, Window
+from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew, make_tickets
+from asyncsgd.workers import Channel, Tickets
 
 
 def window_size(max_inflight: int, devices: int = 1) -> int:
@@ -35,17 +35,18 @@ def window_size(max_inflight: int, devices: int = 1) -> int:
 
 
 def staleness_bound(max_inflight: int, devices: int = 1) -> int:
-    """The largest staleness the window allows (see the module docstring)."""
+    """The largest staleness the (global) window allows (see the module docstring)."""
     return 2 * (window_size(max_inflight, devices) - 1)
 
 
-def _forward_worker(worker, session: Session, batches, items, window: Window, device: int, index: int) -> None:
+def _forward_worker(worker, session: Session, batches, items, window: Tickets, device: int, index: int) -> None:
     view, delay = session.views[device], session.worker_delay(worker, device, index)
     while True:
         batch = worker.get(batches)
-        window.acquire(worker, batch.seq)
+        ticket = window.acquire(worker, device, batch.seq)
         start = time.perf_counter()
-        item = forward_pass(worker, session, batch, sync_each_stage=session.config.stage_sync, view=view)
+        item = forward_pass(worker, session, batch, sync_each_stage=session.config.stage_sync,
+                            view=view)._replace(ticket=ticket)
         if delay.active:
             jax.block_until_ready(item.loss)  # blocks: the delay scales the measured compute time
             delay.after_compute(time.perf_counter() - start)
@@ -53,7 +54,7 @@ def _forward_worker(worker, session: Session, batches, items, window: Window, de
         worker.put(items, item)
 
 
-def _backward_worker(worker, session: Session, items, window: Window, layerwise: bool, device: int,
+def _backward_worker(worker, session: Session, items, window: Tickets, layerwise: bool, device: int,
                      index: int) -> None:
     view, delay = session.views[device], session.worker_delay(worker, device, 1000 + index)
     while True:
@@ -63,7 +64,7 @@ def _backward_worker(worker, session: Session, items, window: Window, layerwise:
                              view=view)
         jax.block_until_ready((last, item.loss))  # blocks: an item is finished once its whole backward ran
         delay.after_compute(time.perf_counter() - start)
-        window.release(item.seq)
+        window.release(item.ticket)
         session.recorder.item_done(item.seq, item.loss)
         delay.after_push()
 
@@ -72,7 +73,7 @@ def _run(session: Session, plan: EpochPlan, layerwise: bool) -> None:
     config = session.config
     devices = max(1, len(session.devices))
     crew, batches = epoch_crew(session, plan, consumers=config.forward_threads * devices)
-    window = Window(window_size(config.max_inflight, devices), first_seq=plan.first_seq)
+    window = make_tickets(session, config.max_inflight + 1, plan)
     channels = []
     for device in range(devices):
         items = Channel(f"items@{device}", max(1, config.max_inflight), producers=config.forward_threads)

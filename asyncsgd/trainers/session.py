@@ -13,7 +13,7 @@ from asyncsgd.models.staged import StagedModel
 from asyncsgd.store import ParamStore, Slot
 from asyncsgd.trainers.placement import DeviceView
 from asyncsgd.units import Units
-from asyncsgd.workers import Channel, Crew
+from asyncsgd.workers import Channel, Crew, Tickets
 
 PREFETCH_DEPTH = 4  # batches ready on the device ahead of the consumers
 
@@ -39,6 +39,7 @@ class Session:
     replicas: list = dataclasses.field(default_factory=list)
     model_view: Optional[Callable[[], tuple[list, list]]] = None
     averaging_rounds: int = 0
+    window: Optional[Tickets] = None  # the run-ahead window of the epoch running (or run) last
 
     def __post_init__(self) -> None:
         if not self.views and self.devices:
@@ -88,6 +89,16 @@ def epoch_crew(session: Session, plan: EpochPlan, consumers: int, placement=None
     crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
                plan.first_seq, plan.max_batches, batches, config.augment, placement, plan.skip, closes=[batches])
     return crew, batches
+
+
+def make_tickets(session: Session, per_device: int, plan: EpochPlan) -> Tickets:
+    """The run-ahead window of a trainer whose devices may each have `per_device` items in flight
+    (`config.window`: one window of N x per_device items over the run, or one of per_device each)."""
+    devices = max(1, len(session.devices))
+    scope = session.config.window if devices > 1 else "global"
+    size = per_device * devices if scope == "global" else per_device
+    session.window = Tickets(size, plan.first_seq, devices, scope)
+    return session.window
 
 
 TrainerFn = Callable[[Session, EpochPlan], None]
