@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: demo test test-fast dataset venv bench clean
+.PHONY: demo test test-fast dataset venv bench clean reproduce-quick
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,12 @@ test-fast: venv
 bench: venv
 	$(VENV)/bin/asyncsgd bench --model cnn --batch-size 128 --steps 20 --unit-times --out runs/bench-cnn
 	$(VENV)/bin/asyncsgd bench --model mlp --batch-size 128 --steps 200 --out runs/bench-mlp
+
+# Every experiment script's --quick setting, one after another (results in results/<experiment>/).
+reproduce-quick: venv dataset
+	@for script in experiments/*.py; do \
+	  echo "== $$script --quick"; $(PY) $$script --quick --overwrite || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
