@@ -111,7 +111,10 @@ def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_d
                         "--target-accuracy: a tenth of an epoch)")
     g.add_argument("--target-accuracy", type=float, default=None,
                    help="stop when the test accuracy reaches this (0-1); summary.json gets time_to_target_s")
+    g.add_argument("--no-stop-at-target", action="store_false", dest="stop_at_target",
+                   help="with --target-accuracy: record the time to the target but train to the end")
     g.add_argument("--log-every", type=int, default=d.log_every, help="train record every N steps")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation batch")
     g.add_argument("--watchdog", type=float, default=d.watchdog_s, dest="watchdog_s",
                    help="seconds without progress before a run is declared stuck")
     g.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
@@ -152,6 +155,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "or 'all') on data shaped like its paper dataset")
     _add_run_flags(p, model_default="cnn", epochs_default=1)
     return parser
+
+
+def config_to_argv(config: TrainConfig) -> list[str]:
+    """`asyncsgd train` flags that reproduce `config` (fields left at their defaults are omitted)."""
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
+    by_dest = {action.dest: action for action in sub._actions if action.option_strings}
+    argv = ["train"]
+    for field in dataclasses.fields(TrainConfig):
+        value, default = getattr(config, field.name), field.default
+        if value == default:
+            continue
+        action = by_dest[field.name]
+        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            argv.append(action.option_strings[0])  # the flag flips the default
+        else:
+            argv += [action.option_strings[0], str(value)]
+    return argv
 
 
 def _default_out(config: TrainConfig, command: str) -> str:

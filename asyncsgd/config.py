@@ -89,6 +89,8 @@ class TrainConfig:
     averaging_warmup: int = 100
     # Stop when the periodic test evaluation reaches this accuracy (None: run to the end).
     target_accuracy: Optional[float] = None
+    # Stop the run when the target is reached (False: record time_to_target_s and train on).
+    stop_at_target: bool = True
     # Evaluate on a snapshot every this many steps while the workers run (None: once per epoch only;
     # with --target-accuracy it defaults to a tenth of an epoch).
     eval_every_steps: Optional[int] = None

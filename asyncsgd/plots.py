@@ -1,7 +1,7 @@
 """Plots of finished runs, read back from their `metrics.jsonl` (used by experiments and notebooks).
 
-Matplotlib is imported lazily with the non-interactive Agg backend unless a backend is already
-chosen (a notebook's inline backend is left alone).
+Matplotlib is imported lazily, with the non-interactive Agg backend outside notebooks (a notebook's
+inline backend is left alone, so figures returned with `path=None` display there).
 """
 
 from __future__ import annotations
@@ -33,9 +33,11 @@ def eval_curve(records: Sequence[dict]) -> tuple[list[float], list[float], list[
 
 
 def _pyplot():
+    import sys
+
     import matplotlib
-    if "matplotlib.pyplot" not in __import__("sys").modules:
-        matplotlib.use("Agg")
+    if "matplotlib.pyplot" not in sys.modules and "ipykernel" not in sys.modules:
+        matplotlib.use("Agg")  # scripts and tests; a notebook keeps its inline backend
     import matplotlib.pyplot as plt
     return plt
 
@@ -66,6 +68,40 @@ def plot_accuracy(runs: Mapping[str, str], path: Optional[str], title: str = "",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+    return fig
+
+
+def plot_staleness(staleness: Mapping[str, Mapping[str, dict]], path: Optional[str], title: str = ""):
+    """Staleness histograms: one panel per run (label -> a summary's `staleness`), one line per stage.
+
+    Runs without staleness (synchronous trainers) are left out."""
+    plt = _pyplot()
+    runs = {label: stages for label, stages in staleness.items()
+            if any(s.get("max", 0) > 0 for s in stages.values())}
+    if not runs:
+        runs = dict(list(staleness.items())[:1])
+    cols = min(3, len(runs))
+    rows = (len(runs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=100, squeeze=False)
+    for ax, (label, stages) in zip(axes.flat, runs.items()):
+        for stage, stats in stages.items():
+            hist = {int(k): v for k, v in stats.get("histogram", {}).items()}
+            if hist:
+                xs = list(range(max(hist) + 1))
+                ax.step(xs, [hist.get(x, 0) / stats["count"] for x in xs], where="mid", label=stage)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("staleness (versions)")
+        ax.set_ylabel("fraction of updates")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(runs):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     if path:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -215,6 +215,10 @@ class _TestEvaluator:
         recorder.log({"event": "eval", "epoch": recorder.epoch, "step": steps, "samples": steps * recorder.batch_size,
                       "wall_time_s": round(wall, 4), "test_loss": self.loss, "test_accuracy": self.accuracy,
                       "train_loss": recorder.train_loss(), "during_epoch": running})
+        if running:  # the staleness so far, for live views (per epoch it is logged by train())
+            for name, stats in recorder.staleness().items():
+                recorder.log({"event": "staleness", "epoch": recorder.epoch, "step": steps, "stage": name,
+                              "during_epoch": True, **{k: stats[k] for k in ("count", "mean", "p95", "max")}})
         target = self.config.target_accuracy
         if target is not None and self.time_to_target_s is None and self.accuracy >= target:
             self.time_to_target_s, self.steps_to_target = wall, steps
@@ -238,7 +242,7 @@ class _TestEvaluator:
         self.check_target()
 
     def check_target(self) -> None:
-        if self.time_to_target_s is not None:
+        if self.time_to_target_s is not None and self.config.stop_at_target:
             raise TargetReached(f"test accuracy {self.accuracy:.4f} >= {self.config.target_accuracy} "
                                 f"after {self.time_to_target_s:.1f}s")
 
@@ -424,6 +428,9 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
             "delay": str(session.delay),
             "averaging_rounds": session.averaging_rounds,
             "pulls_per_device": [view.pulls for view in session.views],
+            "delay_slept_s": [round(s, 4) for s in session.delay_slept_s()],
+            # The most items in flight at once (their residuals are what a run holds beyond the model).
+            "peak_inflight_items": session.window.peak_held if session.window is not None else None,
             # Batch-norm running-statistics steps committed per stage (stages with state only).
             "state_updates_per_stage": {name: slot.state_version for name, slot in
                                         zip(session.model.stage_names, store.snapshot()) if slot.state},

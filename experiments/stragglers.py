@@ -36,9 +36,10 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
 import sys
 import time
+
+from asyncsgd.sweep import mean_spread
 
 QUICK = dict(model="mlp", dataset="fashion_mnist", batch_size=32, lr=0.01, momentum=0.9, warmup_steps=100,
              epochs=3, target_accuracy=0.82, random_delay="exp:mean=0.01", eval_every_samples=3200)
@@ -101,13 +102,6 @@ def run_configs(args, preset: dict):
                     out=os.path.join(args.out, scenario, trainer + (f"-seed{seed}" if args.seeds > 1 else "")))
 
 
-def _stat(values):
-    values = [v for v in values if v is not None]
-    if not values:
-        return None, None
-    return statistics.mean(values), (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
-
-
 def aggregate(rows: list[dict]) -> list[dict]:
     """One line per (scenario, trainer): means and half-ranges over seeds, and ratios to PD-ASGD."""
     groups: dict = {}
@@ -116,12 +110,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
     lines = []
     for (scenario, trainer), runs in groups.items():
         reached = [r for r in runs if r["time_to_target_s"] is not None]
-        ttt, ttt_spread = _stat([r["time_to_target_s"] for r in runs])
-        acc, acc_spread = _stat([r["test_accuracy"] for r in runs])
-        sps, _ = _stat([r["samples_per_s"] for r in runs])
+        ttt, ttt_spread = mean_spread([r["time_to_target_s"] for r in runs])
+        acc, acc_spread = mean_spread([r["test_accuracy"] for r in runs])
+        sps, _ = mean_spread([r["samples_per_s"] for r in runs])
         lines.append(dict(scenario=scenario, trainer=trainer, runs=len(runs), reached=len(reached),
                           time_to_target_s=ttt, time_to_target_spread=ttt_spread,
-                          samples_to_target=_stat([r["steps_to_target"] * r["config"]["batch_size"]
+                          samples_to_target=mean_spread([r["steps_to_target"] * r["config"]["batch_size"]
                                                    if r["steps_to_target"] else None for r in runs])[0],
                           final_accuracy=acc, final_accuracy_spread=acc_spread, samples_per_s=sps,
                           staleness_max=max(max((s["max"] for s in r["staleness"].values()), default=0) for r in runs),

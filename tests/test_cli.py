@@ -175,3 +175,24 @@ def test_compare_keeps_going_past_a_diverged_trainer(tmp_path):
     rows = json.loads((out / "comparison.json").read_text())
     assert [r["trainer"] for r in rows] == ["hogwild", "sync"] and {r["status"] for r in rows} == {"diverged"}
     assert (out / "comparison.md").read_text().count("diverged at step") == 2
+
+
+def test_config_to_argv_round_trips_every_field(tmp_path):
+    import dataclasses
+
+    from asyncsgd.cli import _config_from, build_parser, config_to_argv
+    from asyncsgd.config import TrainConfig
+    changed = TrainConfig(
+        trainer="lppsgd", model="resnet18", dataset="mnist", epochs=3, max_steps=7, batch_size=12, optimizer="adam", lr=0.3,
+        momentum=0.5, nesterov=True, weight_decay=1e-4, schedule="cosine", warmup_steps=4, seed=9, data_dir="/d",
+        out=str(tmp_path), train_subset=100, augment=False, cifar100_labels="coarse", vocab_size=99, min_count=3,
+        max_len=17, norm="group", forward_threads=2, backward_threads=3, max_inflight=2, workers=3,
+        residuals="recompute", devices=2, window="device", delay="exp:mean=0.5", averaging_period=3,
+        averaging_warmup=5, target_accuracy=0.5, stop_at_target=False, eval_every_steps=11, stage_sync=False,
+        checkpoint_every="30s", keep_checkpoints=3, eval_every=2, log_every=3, eval_batch_size=77, watchdog_s=9.0,
+        progress=False, overwrite=True)
+    untouched = {f.name for f in dataclasses.fields(TrainConfig)
+                 if getattr(changed, f.name) == getattr(TrainConfig(), f.name)}
+    assert not untouched, f"give these fields non-default values: {untouched}"
+    args = build_parser().parse_args(config_to_argv(changed))
+    assert _config_from(args) == changed

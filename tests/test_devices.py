@@ -208,13 +208,16 @@ def test_a_delay_ends_when_the_run_stops():
     assert time.monotonic() - start < 5.0
 
 
-def test_a_straggler_slows_ddp_by_its_factor_in_one_run(tiny_config, tiny_data):
-    # Not a timing assertion about speed: the delay's own accounting says how long it slept.
-    config = replace(tiny_config, trainer="ddp", devices=2, delay="straggler:device=1,factor=3")
-    session, _ = build_session(config, tiny_data.normalized(), dict(writer=JsonlWriter(None), progress=False))
-    get_trainer("ddp")(session, EpochPlan(0, 0, 10))
-    session.recorder.tick()
+@pytest.mark.parametrize("trainer", ["ddp", "pdasgd", "lapsgd"])
+def test_delays_are_applied_where_the_spec_says(tiny_config, tiny_data, trainer):
+    # Not a speed assertion: the delays' own accounting says who slept.
+    config = replace(tiny_config, trainer=trainer, devices=2, delay="straggler:device=1,factor=3", max_inflight=1)
+    session = run_steps(config, tiny_data, 10)
     assert session.recorder.steps == 10
+    slept = session.delay_slept_s()
+    assert slept[0] == 0.0 and slept[1] > 0.0, slept
+    quiet = run_steps(replace(config, delay="none"), tiny_data, 10)
+    assert quiet.delay_slept_s() == [0.0, 0.0]
 
 
 # -- time to target ---------------------------------------------------------------------------------

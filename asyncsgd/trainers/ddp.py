@@ -35,7 +35,9 @@ def _ddp_worker(worker, session: Session, batches) -> None:
             recorder.record_update(Update(index, commit.before.version, commit.before.version, worker.name, now, now))
         recorder.item_done(batch.seq, loss)
         worker.beat(f"waiting for the slowest device (item {batch.seq})")
-        delays[0].sleep(max(d.compute_extra(elapsed) + d.push_extra() for d in delays))
+        extras = [d.compute_extra(elapsed) + d.push_extra() for d in delays]
+        slowest = max(range(len(extras)), key=extras.__getitem__)
+        delays[slowest].sleep(extras[slowest])  # everybody waits for it; the wait is booked to it
 
 
 def run_epoch(session: Session, plan: EpochPlan) -> None:

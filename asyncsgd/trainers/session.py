@@ -40,6 +40,7 @@ class Session:
     model_view: Optional[Callable[[], tuple[list, list]]] = None
     averaging_rounds: int = 0
     window: Optional[Tickets] = None  # the run-ahead window of the epoch running (or run) last
+    delays: list = dataclasses.field(default_factory=list)  # every worker's DeviceDelay (their sleeps)
 
     def __post_init__(self) -> None:
         if not self.views and self.devices:
@@ -63,7 +64,16 @@ class Session:
 
     def worker_delay(self, worker, device: int, index: int = 0) -> DeviceDelay:
         """The delays of one worker (its own seeded generator; sleeps end when the crew stops)."""
-        return DeviceDelay(self.delay, device, self.config.seed, index, stop=worker.crew.stop_event)
+        delay = DeviceDelay(self.delay, device, self.config.seed, index, stop=worker.crew.stop_event)
+        self.delays.append(delay)
+        return delay
+
+    def delay_slept_s(self) -> list[float]:
+        """Seconds slept for `--delay`, per device, so far."""
+        slept = [0.0] * max(1, len(self.devices))
+        for delay in list(self.delays):
+            slept[delay.device] += delay.slept_s
+        return slept
 
 
 @dataclasses.dataclass(frozen=True)
