@@ -62,6 +62,16 @@ def peak_rss_mb() -> float:
     return rss / (1024.0 * 1024.0) if sys.platform == "darwin" else rss / 1024.0
 
 
+def current_rss_mb() -> float:
+    """Resident set size of this process now, in MiB (Linux /proc; elsewhere the peak so far)."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            pages = int(handle.read().split()[1])
+        return pages * resource.getpagesize() / (1024.0 * 1024.0)
+    except (OSError, ValueError, IndexError):
+        return peak_rss_mb()
+
+
 @functools.lru_cache(maxsize=None)
 def measure_peak_flops(size: int = 2048, repeats: int = 12) -> float:
     """Best-of-`repeats` f32 matmul throughput (FLOP/s) of the default device: the MFU roof."""
@@ -144,6 +154,9 @@ class Recorder:
         self._epoch_start: Optional[float] = None
         # Called at the end of every `tick` (coordinating thread): periodic evaluation hooks in here.
         self.on_tick: Optional[Callable[[], None]] = None
+        # The largest resident set seen at a tick of this run (unlike the process's peak RSS, it does
+        # not carry over from earlier runs in the same process).
+        self.run_peak_rss_mb = current_rss_mb()
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -221,6 +234,7 @@ class Recorder:
                 self._bar.update(advanced)
                 self._bar.set_postfix(loss=f"{self.losses[-1]:.4f}", samples_s=f"{self.samples / wall:.0f}",
                                       refresh=False)
+        self.run_peak_rss_mb = max(self.run_peak_rss_mb, current_rss_mb())
         if self.on_tick is not None:
             self.on_tick()
 

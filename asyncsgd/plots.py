@@ -42,6 +42,16 @@ def _pyplot():
     return plt
 
 
+def _finish(plt, fig, path: Optional[str]):
+    """Lays the figure out; saves it to `path` and closes it (a script), or returns it open (a notebook)."""
+    fig.tight_layout()
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        fig.savefig(path)
+        plt.close(fig)
+    return fig
+
+
 def plot_accuracy(runs: Mapping[str, str], path: Optional[str], title: str = "",
                   target: Optional[float] = None, x: str = "time"):
     """Test accuracy against wall-clock seconds (`x="time"`) or training steps (`x="steps"`), one
@@ -68,12 +78,7 @@ def plot_accuracy(runs: Mapping[str, str], path: Optional[str], title: str = "",
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-    return fig
+    return _finish(plt, fig, path)
 
 
 def plot_staleness(staleness: Mapping[str, Mapping[str, dict]], path: Optional[str], title: str = ""):
@@ -102,9 +107,4 @@ def plot_staleness(staleness: Mapping[str, Mapping[str, dict]], path: Optional[s
     for ax in list(axes.flat)[len(runs):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        fig.savefig(path)
-        plt.close(fig)
-    return fig
+    return _finish(plt, fig, path)

@@ -436,6 +436,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
                                         zip(session.model.stage_names, store.snapshot()) if slot.state},
             "residual_mb_per_item": units.residual_bytes / 2 ** 20,
             "peak_rss_mb": peak_rss_mb(),
+            "run_peak_rss_mb": recorder.run_peak_rss_mb,
             "flops_per_step": flops_per_step,
             "flops_counted_by": "XLA cost analysis of the whole-model sync step",
             "peak_flops": peak_flops,

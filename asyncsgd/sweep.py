@@ -4,7 +4,8 @@ An experiment script (in `experiments/`) builds a list of `Arm`s (a label, a `Tr
 extra columns that describe it), calls `run_arms` and `write_results`. Every result table has, per
 arm: mean and spread over seeds (half the range) of the final test accuracy, the test accuracy after
 each epoch, training seconds, samples per second, time to the target (if one is set), staleness
-mean/max and peak memory. `isolate=True` runs every training run in its own process (through the
+mean/max and peak memory (the run's own process peak when isolated, else the largest RSS sampled
+during the run). `isolate=True` runs every training run in its own process (through the
 `asyncsgd train` command), which a peak-memory comparison needs: a process's peak RSS only grows.
 """
 
@@ -63,7 +64,8 @@ def run_arms(arms: Sequence[Arm], seeds: int, out: str, dataset=None, isolate: b
                 summary = train(config, dataset)
             except NonFiniteLoss as exc:
                 summary = exc.summary
-        rows.append(dict(summary, label=arm.label, out=config.out, **arm.columns))
+        rows.append(dict(summary, label=arm.label, out=config.out, isolated=isolate, arm_columns=list(arm.columns),
+                         **arm.columns))
     return rows
 
 
@@ -92,9 +94,13 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         epochs = max((len(e) for e in per_epoch), default=0)
         line: dict[str, Any] = {"label": label, "seeds": len(runs), "trainer": runs[0]["trainer"],
                                 "statuses": sorted({r["status"] for r in runs})}
-        line.update({k: v for k, v in runs[0].items() if k not in line and k in _columns(runs[0])})
-        for key in ("test_accuracy", "wall_time_s", "samples_per_s", "time_to_target_s", "peak_rss_mb"):
+        line.update({k: runs[0][k] for k in runs[0].get("arm_columns", ())})
+        for key in ("test_accuracy", "wall_time_s", "samples_per_s", "time_to_target_s"):
             line[key], line[key + "_spread"] = mean_spread([r.get(key) for r in runs])
+        # Memory of the run itself: the process's peak when it had its own process, else the largest
+        # RSS sampled during the run (a process's peak would carry over from the arms before it).
+        line["peak_rss_mb"], line["peak_rss_mb_spread"] = mean_spread(
+            [r["peak_rss_mb"] if r.get("isolated") else r.get("run_peak_rss_mb", r["peak_rss_mb"]) for r in runs])
         line["epoch_accuracy"] = [mean_spread([e[k] for e in per_epoch if len(e) > k])[0] for k in range(epochs)]
         stale = [s for r in runs for s in r["staleness"].values() if s["count"]]
         line["staleness_mean"] = statistics.mean(s["mean"] for s in stale) if stale else 0.0
@@ -102,20 +108,6 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         line["reached"] = sum(r.get("time_to_target_s") is not None for r in runs)
         lines.append(line)
     return lines
-
-
-def _columns(row: dict) -> set:
-    """The arm's extra columns in a row (what is neither a summary field nor bookkeeping)."""
-    return set(row) - _SUMMARY_KEYS - {"label", "out"}
-
-
-_SUMMARY_KEYS = {"status", "trainer", "model", "dataset", "seed", "epochs_completed", "steps", "samples", "wall_time_s",
-                 "compile_time_s", "eval_time_s", "samples_per_s", "test_accuracy", "test_loss", "target_accuracy",
-                 "time_to_target_s", "steps_to_target", "train_loss", "staleness", "staleness_bound",
-                 "updates_per_stage", "state_updates_per_stage", "residual_mb_per_item", "peak_rss_mb",
-                 "flops_per_step", "flops_counted_by", "peak_flops", "mfu", "max_trace_count", "devices", "delay",
-                 "averaging_rounds", "pulls_per_device", "delay_slept_s", "resumed_from_step", "checkpoint",
-                 "diverged", "jax_version", "config", "peak_inflight_items"}
 
 
 def _fmt(value, pattern: str, spread=None) -> str:

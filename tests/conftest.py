@@ -32,6 +32,18 @@ def replace(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
+def run_steps(config, dataset, steps):
+    """Builds a session for `config` on `dataset` (raw), trains `steps` steps of the first epoch and
+    returns the session (store, recorder, units)."""
+    from asyncsgd.metrics import JsonlWriter
+    from asyncsgd.run import build_session
+    from asyncsgd.trainers import EpochPlan, get_trainer
+    session, _ = build_session(config, dataset.normalized(), dict(writer=JsonlWriter(None), progress=False))
+    get_trainer(config.trainer)(session, EpochPlan(0, 0, steps))
+    session.recorder.tick()
+    return session
+
+
 def has_fashion_mnist() -> bool:
     """True when the Debian package's files exist; with $ASYNCSGD_REQUIRE_REALDATA set (CI, `make
     test`) their absence fails the real-data tests instead of skipping them."""

@@ -11,7 +11,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import replace
+from conftest import replace, run_steps
 
 from asyncsgd.config import ConfigError
 from asyncsgd.data import steps_per_epoch
@@ -23,13 +23,6 @@ from asyncsgd.trainers import EpochPlan, get_trainer, staleness_bound
 from asyncsgd.trainers.lapsgd import average_copies, averaging_due, lpp_slices, prepare
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def run_steps(config, dataset, steps):
-    session, _ = build_session(config, dataset.normalized(), dict(writer=JsonlWriter(None), progress=False))
-    get_trainer(config.trainer)(session, EpochPlan(0, 0, steps))
-    session.recorder.tick()
-    return session
 
 
 def test_there_are_four_devices():

@@ -6,7 +6,7 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import replace
+from conftest import replace, run_steps
 
 from asyncsgd.data import steps_per_epoch
 from asyncsgd.metrics import JsonlWriter
@@ -15,14 +15,6 @@ from asyncsgd.trainers import EpochPlan, get_trainer, staleness_bound
 from asyncsgd.workers import WorkerError
 
 pytestmark = pytest.mark.timeout(240)
-
-
-def run_steps(config, dataset, steps):
-    """Trains `steps` steps (first epoch) and returns the session (store, recorder, units)."""
-    session, _ = build_session(config, dataset.normalized(), dict(writer=JsonlWriter(None), progress=False))
-    get_trainer(config.trainer)(session, EpochPlan(0, 0, steps))
-    session.recorder.tick()
-    return session
 
 
 @pytest.mark.parametrize("model", ["mlp", "cnn"])

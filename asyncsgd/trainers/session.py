@@ -10,7 +10,7 @@ from asyncsgd.data.dataset import Dataset, prefetch_worker
 from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
 from asyncsgd.models.staged import StagedModel
-from asyncsgd.store import ParamStore, Slot
+from asyncsgd.store import ParamStore
 from asyncsgd.trainers.placement import DeviceView
 from asyncsgd.units import Units
 from asyncsgd.workers import Channel, Crew, Tickets
@@ -58,9 +58,6 @@ class Session:
         """Committed updates per stage (summed over the device copies where there are several)."""
         stores = self.replicas or [self.store]
         return [sum(versions) for versions in zip(*(store.versions() for store in stores))]
-
-    def snapshot(self) -> list[Slot]:
-        return self.store.snapshot()
 
     def worker_delay(self, worker, device: int, index: int = 0) -> DeviceDelay:
         """The delays of one worker (its own seeded generator; sleeps end when the crew stops)."""
