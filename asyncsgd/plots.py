@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 from typing import Mapping, Optional, Sequence
 
 
@@ -42,6 +43,11 @@ def _pyplot():
     return plt
 
 
+def _ticker():
+    import matplotlib.ticker
+    return matplotlib.ticker
+
+
 def _finish(plt, fig, path: Optional[str]):
     """Lays the figure out; saves it to `path` and closes it (a script), or returns it open (a notebook)."""
     fig.tight_layout()
@@ -65,19 +71,24 @@ def plot_accuracy(runs: Mapping[str, str], path: Optional[str], title: str = "",
       The matplotlib figure.
     """
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
-    for label, run in runs.items():
+    many = len(runs) > 8
+    fig, ax = plt.subplots(figsize=(9.5 if many else 7, 4.4), dpi=110)
+    colors = plt.get_cmap("tab20" if len(runs) > 10 else "tab10").colors
+    for index, (label, run) in enumerate(runs.items()):
         times, accuracies, steps = eval_curve(read_metrics(run))
         if accuracies:
             ax.plot(times if x == "time" else steps, [100 * a for a in accuracies], marker="o", markersize=3,
-                    label=label)
+                    label=label, color=colors[index % len(colors)], linestyle="-" if index % 2 == 0 else "--")
     if target is not None:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.0f}%")
     ax.set_xlabel("wall-clock training time (s)" if x == "time" else "training steps")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title)
+    ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if many:  # beside the axes, not over the curves
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    else:
+        ax.legend(fontsize=8)
     return _finish(plt, fig, path)
 
 
@@ -94,12 +105,15 @@ def plot_staleness(staleness: Mapping[str, Mapping[str, dict]], path: Optional[s
     rows = (len(runs) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), dpi=100, squeeze=False)
     for ax, (label, stages) in zip(axes.flat, runs.items()):
-        for stage, stats in stages.items():
-            hist = {int(k): v for k, v in stats.get("histogram", {}).items()}
+        width = 0.8 / max(1, len(stages))
+        for k, (stage, stats) in enumerate(stages.items()):  # grouped bars: one per stage per staleness
+            hist = {int(key): v for key, v in stats.get("histogram", {}).items()}
             if hist:
                 xs = list(range(max(hist) + 1))
-                ax.step(xs, [hist.get(x, 0) / stats["count"] for x in xs], where="mid", label=stage)
+                ax.bar([x - 0.4 + width * (k + 0.5) for x in xs], [hist.get(x, 0) / stats["count"] for x in xs],
+                       width=width, label=stage)
         ax.set_title(label, fontsize=9)
+        ax.xaxis.set_major_locator(_ticker().MaxNLocator(integer=True))
         ax.set_xlabel("staleness (versions)")
         ax.set_ylabel("fraction of updates")
         ax.grid(alpha=0.3)
