@@ -44,10 +44,10 @@ class CheckpointError(ConfigError):
     """A checkpoint is missing, unreadable or does not fit the run (one-line message)."""
 
 
-def _trees(stores) -> dict:
+def _trees(stores, timeout: Optional[float] = None) -> list:
     out = []
     for store in stores:
-        snap = store.snapshot()
+        snap = store.snapshot(timeout)
         out.append({"params": [s.params for s in snap], "opt_states": [s.opt_state for s in snap],
                     "states": [s.state for s in snap],
                     "versions": [s.version for s in snap], "state_versions": [s.state_version for s in snap]})
@@ -65,10 +65,15 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def save(out: str, session, position: dict, evaluator: dict, keep: int = 2) -> str:
-    """Writes a checkpoint of `session` at `position` (see the module docstring); returns its path."""
+def save(out: str, session, position: dict, evaluator: dict, keep: int = 2,
+         lock_timeout: Optional[float] = None) -> str:
+    """Writes a checkpoint of `session` at `position` (see the module docstring); returns its path.
+
+    Args:
+      lock_timeout: give up (`TimeoutError`) if a stage stays locked this long (on Ctrl+C).
+    """
     stores = session.replicas or [session.store]
-    taken = _trees(stores)
+    taken = _trees(stores, lock_timeout)
     if session.config.trainer in EXACT_TRAINERS:
         # Whole-model commits: the versions count the batches applied, exactly (the recorder may lag
         # by the step the trainer dispatched before reporting the previous one).

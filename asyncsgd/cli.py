@@ -249,6 +249,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from asyncsgd.workers import StallError, WorkerError
 
     signal.signal(signal.SIGTERM, _sigterm)
+    if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: what a stuck run is doing
+        import faulthandler
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _main(argv)
     except ConfigError as exc:

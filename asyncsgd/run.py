@@ -166,10 +166,10 @@ class _Checkpointer:
         if due:
             self.save()
 
-    def save(self) -> None:
+    def save(self, lock_timeout: Optional[float] = None) -> None:
         position = self.session.recorder.state()  # first the position, then the snapshot (at-least-once)
         self.last_path = checkpoint.save(self.out, self.session, position, self.tests.state(),
-                                         keep=self.session.config.keep_checkpoints)
+                                         keep=self.session.config.keep_checkpoints, lock_timeout=lock_timeout)
         steps = checkpoint.read_meta(self.last_path)["steps"]
         self.last_steps, self.last_time = steps, time.monotonic()
         self.session.recorder.log({"event": "checkpoint", "step": steps,
@@ -185,7 +185,7 @@ class _Checkpointer:
         except Exception:  # noqa: BLE001 - a non-finite loss among the last steps: keep the last checkpoint
             return
         try:
-            self.save()
+            self.save(lock_timeout=2.0)  # the workers have stopped: a lock held longer was never released
         except Exception as exc:  # noqa: BLE001
             print(f"asyncsgd: warning: no checkpoint on interrupt: {exc}", file=sys.stderr)
 
@@ -392,7 +392,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
         raise
     except NonFiniteLoss as exc:
         status, diverged = "diverged", exc
-        bad = [name for name, params in zip(session.model.stage_names, store.params())
+        bad = [name for name, params in zip(session.model.stage_names, [s.params for s in store.slots()])
                if not all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree_util.tree_leaves(params))]
         exc.args = (f"{exc.args[0]}; stages with non-finite parameters: {', '.join(bad) or 'none yet'}; "
                     "try a lower --lr or --max-inflight",)
@@ -433,7 +433,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
             "peak_inflight_items": session.window.peak_held if session.window is not None else None,
             # Batch-norm running-statistics steps committed per stage (stages with state only).
             "state_updates_per_stage": {name: slot.state_version for name, slot in
-                                        zip(session.model.stage_names, store.snapshot()) if slot.state},
+                                        zip(session.model.stage_names, store.slots()) if slot.state},
             "residual_mb_per_item": units.residual_bytes / 2 ** 20,
             "peak_rss_mb": peak_rss_mb(),
             "run_peak_rss_mb": recorder.run_peak_rss_mb,

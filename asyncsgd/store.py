@@ -105,8 +105,7 @@ class ParamStore:
         Returns:
           One `Commit` per stage; `extra` of each is the update's fourth output.
         """
-        for lock in self._locks:
-            lock.acquire()
+        self._acquire_all()
         try:
             before = list(self._slots)
             params_list, opt_list, state_list, extra = update(
@@ -133,15 +132,38 @@ class ParamStore:
             self._slots = [Slot(int(v), p, o, st, int(sv))
                            for v, p, o, st, sv in zip(versions, params, opt_states, states, state_versions)]
 
-    def snapshot(self) -> list[Slot]:
-        """A consistent whole-model cut: no commit is half-way through while it is taken."""
-        for lock in self._locks:
-            lock.acquire()
+    def _acquire_all(self, timeout: Optional[float] = None) -> None:
+        """Takes every stage lock in stage order; on a timeout or an exception (a Ctrl+C landing in
+        the main thread) releases the ones taken, so no lock is ever left held."""
+        taken = 0
+        try:
+            for lock in self._locks:
+                if not lock.acquire(timeout=-1 if timeout is None else timeout):
+                    raise TimeoutError(f"store: a stage stayed locked for over {timeout}s")
+                taken += 1
+        except BaseException:
+            for lock in reversed(self._locks[:taken]):
+                lock.release()
+            raise
+
+    def snapshot(self, timeout: Optional[float] = None) -> list[Slot]:
+        """A consistent whole-model cut: no commit is half-way through while it is taken.
+
+        Args:
+          timeout: seconds to wait for each stage lock (default: as long as it takes); `TimeoutError`
+            after that.
+        """
+        self._acquire_all(timeout)
         try:
             return list(self._slots)
         finally:
             for lock in reversed(self._locks):
                 lock.release()
+
+    def slots(self) -> list[Slot]:
+        """Every stage's current slot without taking any lock (each slot is consistent in itself;
+        the stages may be from slightly different moments). For reports, never for a checkpoint."""
+        return list(self._slots)
 
     def params(self) -> list:
         return [slot.params for slot in self.snapshot()]
@@ -153,4 +175,4 @@ class ParamStore:
         return [slot.state for slot in self.snapshot()]
 
     def versions(self) -> list[int]:
-        return [slot.version for slot in self.snapshot()]
+        return [slot.version for slot in self.slots()]

@@ -139,7 +139,13 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path):
             time.sleep(0.05)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=10)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
+            proc.send_signal(signal.SIGUSR1)
+            time.sleep(1)
+            proc.kill()
+            pytest.fail("no exit 10 s after Ctrl+C; stacks:\n" + proc.communicate()[1][-6000:])
         assert time.monotonic() - sent < 5
     finally:
         if proc.poll() is None:
