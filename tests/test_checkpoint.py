@@ -21,6 +21,12 @@ from asyncsgd.trainers import EpochPlan, get_trainer
 pytestmark = pytest.mark.timeout(300)
 
 
+def default_sigint():
+    """In the child: Ctrl+C back to its default. A suite started as a background job (`make test &`)
+    inherits SIGINT ignored, and a process that ignores SIGINT rightly ignores the test's SIGINT."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def cli(*args, timeout=200):
     return subprocess.run([sys.executable, "-m", "asyncsgd", *args], capture_output=True, text=True, timeout=timeout)
 
@@ -130,7 +136,7 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "asyncsgd", *run_args(out, "--trainer", "pdasgd", "--epochs", "400",
                                                                          "--log-every", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
     try:
         deadline = time.monotonic() + 120
         metrics = out / "metrics.jsonl"

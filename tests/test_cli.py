@@ -94,7 +94,8 @@ def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer, 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "asyncsgd", *quick(out, "--trainer", trainer, "--epochs", "500",
                                                                       "--log-every", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         metrics = out / "metrics.jsonl"
