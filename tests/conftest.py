@@ -32,6 +32,20 @@ def replace(config, **changes):
     return dataclasses.replace(config, **changes)
 
 
+def popen_with_sigint(cmd, **kwargs):
+    """`subprocess.Popen` whose child has Ctrl+C at its default. A suite started as a background job
+    (`make test &`) inherits SIGINT *ignored*, and exec keeps an ignored signal ignored, so a child would
+    rightly ignore the test's SIGINT; a handled signal is reset to default by exec instead."""
+    import signal
+    import subprocess
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, **kwargs)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run_steps(config, dataset, steps):
     """Builds a session for `config` on `dataset` (raw), trains `steps` steps of the first epoch and
     returns the session (store, recorder, units)."""

@@ -11,7 +11,7 @@ import time
 import chex
 import jax
 import pytest
-from conftest import replace
+from conftest import popen_with_sigint, replace
 
 from asyncsgd import checkpoint
 from asyncsgd.metrics import JsonlWriter
@@ -19,12 +19,6 @@ from asyncsgd.run import build_session
 from asyncsgd.trainers import EpochPlan, get_trainer
 
 pytestmark = pytest.mark.timeout(300)
-
-
-def default_sigint():
-    """In the child: Ctrl+C back to its default. A suite started as a background job (`make test &`)
-    inherits SIGINT ignored, and a process that ignores SIGINT rightly ignores the test's SIGINT."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def cli(*args, timeout=200):
@@ -134,9 +128,9 @@ def test_killed_with_sigkill_then_resumed_finishes_in_line(tmp_path, trainer):
 
 def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "asyncsgd", *run_args(out, "--trainer", "pdasgd", "--epochs", "400",
-                                                                         "--log-every", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint)
+    proc = popen_with_sigint([sys.executable, "-m", "asyncsgd", *run_args(out, "--trainer", "pdasgd", "--epochs", "400",
+                                                                          "--log-every", "1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         metrics = out / "metrics.jsonl"

@@ -8,6 +8,7 @@ import sys
 import time
 
 import pytest
+from conftest import popen_with_sigint
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,10 +93,9 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path):
                                              ("pdasgd", signal.SIGTERM)])
 def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer, signum):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "asyncsgd", *quick(out, "--trainer", trainer, "--epochs", "500",
-                                                                      "--log-every", "1")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    proc = popen_with_sigint([sys.executable, "-m", "asyncsgd", *quick(out, "--trainer", trainer, "--epochs", "500",
+                                                                       "--log-every", "1")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         metrics = out / "metrics.jsonl"
