@@ -6,6 +6,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
 import dataclasses  # noqa: E402
+import time  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -44,6 +45,20 @@ def popen_with_sigint(cmd, **kwargs):
         return subprocess.Popen(cmd, **kwargs)
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def wait_or_dump(proc, timeout_s: float, what: str) -> None:
+    """Waits for `proc` to exit; if it does not, fails with every thread's stack (the CLI dumps them
+    on SIGUSR1) so a hang says where it is."""
+    import signal
+    import subprocess
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        proc.kill()
+        pytest.fail(f"no exit {timeout_s:.0f} s after {what}; stacks:\n" + proc.communicate()[1][-6000:])
 
 
 def run_steps(config, dataset, steps):

@@ -11,7 +11,7 @@ import time
 import chex
 import jax
 import pytest
-from conftest import popen_with_sigint, replace
+from conftest import popen_with_sigint, replace, wait_or_dump
 
 from asyncsgd import checkpoint
 from asyncsgd.metrics import JsonlWriter
@@ -139,13 +139,7 @@ def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path):
             time.sleep(0.05)
         sent = time.monotonic()
         proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(1)
-            proc.kill()
-            pytest.fail("no exit 10 s after Ctrl+C; stacks:\n" + proc.communicate()[1][-6000:])
+        wait_or_dump(proc, 10, "Ctrl+C")
         assert time.monotonic() - sent < 5
     finally:
         if proc.poll() is None:

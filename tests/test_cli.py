@@ -8,7 +8,7 @@ import sys
 import time
 
 import pytest
-from conftest import popen_with_sigint
+from conftest import popen_with_sigint, wait_or_dump
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -104,13 +104,7 @@ def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer, 
             time.sleep(0.1)
         sent = time.monotonic()
         proc.send_signal(signum)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # say where it is stuck: every thread's stack
-            proc.send_signal(signal.SIGUSR1)
-            time.sleep(1)
-            proc.kill()
-            pytest.fail("no exit 10 s after the signal; stacks:\n" + proc.communicate()[1][-6000:])
+        wait_or_dump(proc, 10, "the signal")
         assert time.monotonic() - sent < 5
     finally:
         if proc.poll() is None:
