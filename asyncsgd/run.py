@@ -30,7 +30,7 @@ from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers import EpochPlan, Session, get_trainer, staleness_bound, units_needed
 from asyncsgd.trainers.lapsgd import lpp_slices
-from asyncsgd.units import Units, on_home, tree_nbytes
+from asyncsgd.units import Units, on_home
 
 
 class OutputExists(ConfigError):

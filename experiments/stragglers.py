@@ -33,7 +33,6 @@ delayed device (the others keep the cores busy while it sleeps), not multi-devic
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

@@ -61,6 +61,29 @@ def wait_or_dump(proc, timeout_s: float, what: str) -> None:
         pytest.fail(f"no exit {timeout_s:.0f} s after {what}; stacks:\n" + proc.communicate()[1][-6000:])
 
 
+def interrupt_run(argv, out, signum, train_records: int):
+    """Starts `asyncsgd` with `argv` (Ctrl+C at its default), waits until `out/metrics.jsonl` holds
+    `train_records` train records, sends `signum` and waits for the exit (failing with the thread
+    stacks after 10 s). Returns the finished process and the seconds from the signal to its exit."""
+    import subprocess
+    import sys
+    proc = popen_with_sigint([sys.executable, "-m", "asyncsgd", *argv], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        metrics = out / "metrics.jsonl"
+        while not (metrics.exists() and metrics.read_text().count('"train"') >= train_records):
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
+            time.sleep(0.05)
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        wait_or_dump(proc, 10, f"signal {signum}")
+        return proc, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def run_steps(config, dataset, steps):
     """Builds a session for `config` on `dataset` (raw), trains `steps` steps of the first epoch and
     returns the session (store, recorder, units)."""

@@ -11,7 +11,7 @@ import time
 import chex
 import jax
 import pytest
-from conftest import popen_with_sigint, replace, wait_or_dump
+from conftest import interrupt_run, replace
 
 from asyncsgd import checkpoint
 from asyncsgd.metrics import JsonlWriter
@@ -128,22 +128,9 @@ def test_killed_with_sigkill_then_resumed_finishes_in_line(tmp_path, trainer):
 
 def test_ctrl_c_writes_a_checkpoint_and_the_run_resumes(tmp_path):
     out = tmp_path / "run"
-    proc = popen_with_sigint([sys.executable, "-m", "asyncsgd", *run_args(out, "--trainer", "pdasgd", "--epochs", "400",
-                                                                          "--log-every", "1")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count('"train"') >= 5):
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        wait_or_dump(proc, 10, "Ctrl+C")
-        assert time.monotonic() - sent < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, took_s = interrupt_run(run_args(out, "--trainer", "pdasgd", "--epochs", "400", "--log-every", "1"), out,
+                                 signal.SIGINT, train_records=5)
+    assert took_s < 5
     assert proc.returncode == 130, proc.stderr.read()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["checkpoint"]

@@ -5,10 +5,9 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-from conftest import popen_with_sigint, wait_or_dump
+from conftest import interrupt_run
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -93,22 +92,9 @@ def test_missing_dataset_offline_is_one_clear_line(tmp_path):
                                              ("pdasgd", signal.SIGTERM)])
 def test_ctrl_c_stops_within_5s_writes_outputs_and_exits_130(tmp_path, trainer, signum):
     out = tmp_path / "run"
-    proc = popen_with_sigint([sys.executable, "-m", "asyncsgd", *quick(out, "--trainer", trainer, "--epochs", "500",
-                                                                       "--log-every", "1")],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        metrics = out / "metrics.jsonl"
-        while not (metrics.exists() and metrics.read_text().count('"train"') >= 3):
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "slow"
-            time.sleep(0.1)
-        sent = time.monotonic()
-        proc.send_signal(signum)
-        wait_or_dump(proc, 10, "the signal")
-        assert time.monotonic() - sent < 5
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    proc, took_s = interrupt_run(quick(out, "--trainer", trainer, "--epochs", "500", "--log-every", "1"), out, signum,
+                                 train_records=3)
+    assert took_s < 5
     assert proc.returncode == 130, proc.stderr.read()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "interrupted" and summary["steps"] >= 3

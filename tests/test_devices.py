@@ -19,7 +19,7 @@ from asyncsgd.delays import DelaySpec, DeviceDelay, parse_delay
 from asyncsgd.metrics import JsonlWriter
 from asyncsgd.run import build_session, evaluate, train
 from asyncsgd.store import ParamStore
-from asyncsgd.trainers import EpochPlan, get_trainer, staleness_bound
+from asyncsgd.trainers import staleness_bound
 from asyncsgd.trainers.lapsgd import average_copies, averaging_due, lpp_slices, prepare
 
 pytestmark = pytest.mark.timeout(240)
