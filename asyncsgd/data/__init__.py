@@ -8,9 +8,9 @@ from typing import Optional
 from asyncsgd.data.cifar import load_cifar, write_cifar_archive
 from asyncsgd.data.dataset import Batch, Dataset, eval_batches, iterate_batches, steps_per_epoch
 from asyncsgd.data.imdb import load_imdb
-from asyncsgd.data.idx import DataFormatError, read_idx, write_idx
+from asyncsgd.data.idx import read_idx, write_idx
 from asyncsgd.data.mnist import load_idx_dataset
-from asyncsgd.data.sources import ChecksumError, DatasetNotFound
+from asyncsgd.errors import ChecksumError, DataFormatError, DatasetNotFound
 from asyncsgd.data.synthetic import synthetic, synthetic_text
 
 

@@ -8,6 +8,8 @@ from typing import Iterator, NamedTuple, Optional
 import jax
 import numpy as np
 
+from asyncsgd.data.augment import crop_flip
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
@@ -76,7 +78,6 @@ def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
 def augment_batch(dataset: Dataset, x: np.ndarray, seed: int, seq: int) -> np.ndarray:
     """The dataset's training augmentation of one batch, seeded by (seed, seq)."""
     if dataset.augmentation == "crop_flip":
-        from asyncsgd.data.cifar import crop_flip
         return crop_flip(x, np.random.default_rng([seed, seq, 7]))
     if dataset.augmentation:
         raise ValueError(f"unknown augmentation {dataset.augmentation!r}")

@@ -12,12 +12,10 @@ import zlib
 
 import numpy as np
 
+from asyncsgd.errors import DataFormatError
+
 _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype(">i2"), 0x0C: np.dtype(">i4"),
            0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-
-
-class DataFormatError(ValueError):
-    """A dataset file is missing, truncated or not in the expected format (one-line message)."""
 
 
 def parse_idx(data: bytes, source: str = "<bytes>") -> np.ndarray:

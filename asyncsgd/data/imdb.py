@@ -28,7 +28,7 @@ from typing import Iterable, Iterator, Optional
 import numpy as np
 
 from asyncsgd.data.dataset import Dataset
-from asyncsgd.data.idx import DataFormatError
+from asyncsgd.errors import DataFormatError
 from asyncsgd.data.sources import RemoteFile, Source, cache_dir, locate_archive
 
 SOURCE = Source("imdb", "https://ai.stanford.edu/~amaas/data/sentiment/", (RemoteFile(

@@ -8,7 +8,8 @@ from typing import Optional
 import numpy as np
 
 from asyncsgd.data.dataset import Dataset
-from asyncsgd.data.idx import DataFormatError, read_idx
+from asyncsgd.data.idx import read_idx
+from asyncsgd.errors import DataFormatError
 from asyncsgd.data.sources import RemoteFile, Source, locate
 
 _FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",

@@ -20,13 +20,7 @@ import urllib.error
 import urllib.request
 from typing import Optional, Sequence
 
-
-class DatasetNotFound(FileNotFoundError):
-    """No copy of the dataset was found and none could be downloaded (one-line message)."""
-
-
-class ChecksumError(ValueError):
-    """A downloaded file does not have the published SHA-256."""
+from asyncsgd.errors import ChecksumError, DatasetNotFound
 
 
 @dataclasses.dataclass(frozen=True)
