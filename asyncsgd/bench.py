@@ -18,11 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from asyncsgd.config import ConfigError, TrainConfig, validate
+from asyncsgd import trainers
+from asyncsgd.assemble import build_session
+from asyncsgd.config import TrainConfig, validate
 from asyncsgd.data import synthetic_like
-from asyncsgd.metrics import JsonlWriter, measure_peak_flops, peak_rss_mb
-from asyncsgd.run import build_session
-from asyncsgd.trainers import EpochPlan, get_trainer
+from asyncsgd.errors import ConfigError
+from asyncsgd.metrics import measure_peak_flops, peak_rss_mb
+from asyncsgd.trainers import EpochPlan
 
 
 class _Contender:
@@ -31,18 +33,18 @@ class _Contender:
     def __init__(self, config: TrainConfig, steps: int, warmup_steps: int):
         dataset = _bench_data(config, config.batch_size * max(steps, warmup_steps))
         self.config = config
-        self.session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False))
-        self.run_epoch = get_trainer(config.trainer)
+        self.session, _ = build_session(config, dataset)
+        self.run_epoch = trainers.get(config.trainer).run_epoch
         self.next_seq, self.rounds = 0, 0
         self.samples_per_s: list[float] = []
         self._run(warmup_steps)  # untimed: first dispatches, thread start-up
 
     def _run(self, steps: int) -> tuple[int, float]:
-        recorder = self.session.recorder
+        recorder, clock = self.session.recorder, self.session.clock
         done_before = recorder.steps
-        start = time.perf_counter()
+        start = clock.now()  # real seconds, or simulated ones on a simulated clock
         self.run_epoch(self.session, EpochPlan(self.rounds, self.next_seq, steps))
-        elapsed = time.perf_counter() - start
+        elapsed = clock.now() - start
         recorder.tick()
         self.next_seq += steps
         self.rounds += 1
@@ -75,8 +77,7 @@ def unit_timings(config: TrainConfig, repeats: int = 10, session_out: Optional[l
     """Mean seconds of each stage's forward and fused backward+update unit, run in isolation, then
     their sums (one batch's forward and backward through the units) and the whole sync step."""
     dataset = _bench_data(config, config.batch_size)
-    session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False),
-                               unit_groups=("stages", "train_step"))
+    session, _ = build_session(config, dataset, unit_groups=("stages", "train_step"))
     if session_out is not None:
         session_out.append(session)
     units, store = session.units, session.store
@@ -121,20 +122,20 @@ def unit_timings(config: TrainConfig, repeats: int = 10, session_out: Optional[l
     return rows
 
 
-def bench(base: TrainConfig, trainers: Sequence[str], steps: int, out: Optional[str] = None,
+def bench(base: TrainConfig, names: Sequence[str], steps: int, out: Optional[str] = None,
           with_units: bool = False, rounds: int = 3) -> dict:
     """Benchmarks `trainers` side by side and returns rows with ratios to `sync` and MFU.
 
     Every trainer is compiled first; then `rounds` rounds each time `steps` steps of every trainer in
     turn, so slow drifts of a shared machine hit all trainers alike. Reported: the median per trainer.
     """
-    for name in trainers:
+    for name in names:
         validate(dataclasses.replace(base, trainer=name))
     if steps < 1 or rounds < 1:
         raise ConfigError(f"--steps and --rounds must be >= 1, got {steps} and {rounds}")
     peak = measure_peak_flops()
     contenders = [_Contender(dataclasses.replace(base, trainer=name, progress=False), steps, warmup_steps=3)
-                  for name in trainers]
+                  for name in names]
     for _ in range(rounds):
         for contender in contenders:
             contender.time_round(steps)
@@ -241,4 +242,95 @@ def format_bench(result: dict) -> str:
         for u in result["units"]:
             fwd = "" if u["forward_s"] != u["forward_s"] else f"{1e3 * u['forward_s']:.2f}"
             lines.append(f"| {u['stage']} | {fwd} | {1e3 * u['backward_update_s']:.2f} |")
+    return "\n".join(lines)
+
+
+# -- device profiles for the simulated clock ---------------------------------------------------------
+def _link_bandwidth(nbytes: int = 64 * 2 ** 20, repeats: int = 5) -> float:
+    """Bytes per second of copying a host array onto the default device (best of `repeats`): the link
+    of this machine's (virtual) devices, which share its memory."""
+    data = np.ones(nbytes // 4, np.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.device_put(data).block_until_ready()  # blocks: timing the copy
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def measure_profile(config: TrainConfig, path: Optional[str] = None, repeats: int = 10):
+    """Times every unit of `config.model` at `config.batch_size` on this machine (each alone, on zeros
+    of its real shapes) and returns a profile whose `units` map holds those seconds (the simulated
+    clock then uses them instead of the FLOP formula); written to `path` as JSON when given."""
+    from asyncsgd.sim import Profile
+    from asyncsgd.sim.costs import profile_key
+    from asyncsgd.units import UNIT_GROUPS
+    config = dataclasses.replace(config, clock="wall", profile=None, sim_tie_seed=None, devices=1, trainer="sync")
+    validate(config)
+    dataset = _bench_data(config, config.batch_size)
+    session, _ = build_session(config, dataset, unit_groups=UNIT_GROUPS)
+    units = session.units
+    seconds = {}
+    for name, signature in sorted(units.signatures.items()):
+        args = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), signature)
+        fn = units.jitted[name]
+        jax.block_until_ready(fn(*args))
+        start = time.perf_counter()
+        for _ in range(repeats):
+            out = fn(*args)
+        jax.block_until_ready(out)  # blocks: timing the device
+        seconds[profile_key(name)] = (time.perf_counter() - start) / repeats
+    profile = Profile(name=f"measured-{config.model}-b{config.batch_size}", peak_flops=measure_peak_flops(),
+                      efficiency=1.0, launch_s=0.0, bandwidth_bytes_per_s=_link_bandwidth(), latency_s=0.0,
+                      units=seconds, note=f"measured on this machine by asyncsgd profile: {config.model}, batch "
+                      f"{config.batch_size}, {repeats} calls per unit, jax {jax.__version__}")
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(profile.to_json(), handle, indent=2)
+    return profile
+
+
+def validate_profile(config: TrainConfig, profile: str, names: Sequence[str], steps: int = 20,
+                     rounds: int = 3) -> dict:
+    """Each trainer of `names` on the wall clock and on the simulated clock with `profile`, side by side
+    in interleaved rounds: measured and predicted samples/s, their error and the two rankings."""
+    base = dataclasses.replace(config, devices=1, progress=False, out=None)
+    pairs = []
+    for name in names:
+        wall = dataclasses.replace(base, trainer=name, clock="wall", profile=None)
+        sim = dataclasses.replace(base, trainer=name, clock="simulated", profile=profile)
+        validate(wall), validate(sim)
+        pairs.append((_Contender(wall, steps, warmup_steps=3), _Contender(sim, steps, warmup_steps=3)))
+    for _ in range(rounds):
+        for measured, predicted in pairs:
+            measured.time_round(steps)
+            predicted.time_round(steps)
+    rows = []
+    for name, (measured, predicted) in zip(names, pairs):
+        real, model = float(np.median(measured.samples_per_s)), float(np.median(predicted.samples_per_s))
+        rows.append({"trainer": name, "measured_samples_per_s": real, "predicted_samples_per_s": model,
+                     "error": model / real - 1.0, "measured_rounds": measured.samples_per_s})
+    def rank(key: str) -> str:
+        """Trainers from fastest to slowest; within 0.5% of each other they tie (`a = b`)."""
+        ordered = sorted(rows, key=lambda r: -r[key])
+        text = ordered[0]["trainer"]
+        for before, row in zip(ordered, ordered[1:]):
+            text += (" = " if row[key] >= 0.995 * before[key] else " > ") + row["trainer"]
+        return text
+
+    return {"model": config.model, "batch_size": config.batch_size, "profile": profile, "steps": steps,
+            "rounds": rounds, "rows": rows, "measured_ranking": rank("measured_samples_per_s"),
+            "predicted_ranking": rank("predicted_samples_per_s")}
+
+
+def format_validation(result: dict) -> str:
+    lines = [f"{result['model']}, batch {result['batch_size']}, profile {result['profile']}: median of "
+             f"{result['rounds']} interleaved rounds of {result['steps']} steps", "",
+             "| trainer | measured samples/s | predicted (simulated) samples/s | error |", "|---|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['trainer']} | {r['measured_samples_per_s']:.0f} | {r['predicted_samples_per_s']:.0f} | "
+                     f"{100 * r['error']:+.1f}% |")
+    lines += ["", f"ranking measured: {result['measured_ranking']}; predicted: {result['predicted_ranking']} "
+                  "(a = b: within 0.5%)"]
     return "\n".join(lines)

@@ -7,15 +7,16 @@ A checkpoint is a directory `OUT/checkpoints/step-NNNNNNNN/` holding
   - `meta.json`: format, position, versions, recorder and evaluator state, the configuration.
 It is written to a hidden temporary directory, flushed to disk, then renamed into place, so a crash
 at any moment (SIGKILL included) leaves either the complete new checkpoint or none; the last `keep`
-are kept.
+are kept. `Checkpointer` decides when (every N steps or seconds, and on Ctrl+C).
 
 Consistency without stopping the workers: the position is the recorder's low-water mark (every batch
 up to it has finished; taken first), then each store's `snapshot()` holds the stage locks only while
 it copies the slot references (as long as one commit). The snapshot therefore contains every update
 of the batches up to the position, plus possibly parts of a few later ones (at most the window's
 worth: N x (max-inflight + 1)). Resuming starts at the batch after the position: no batch is lost,
-and those few are trained on again (at-least-once). For `sync` and `ddp`, which commit every stage at
-once per batch, the position is the store's version itself and a resumed run continues exactly. The data order and augmentation are seeded by
+and those few are trained on again (at-least-once). For trainers whose spec says `exact_position`
+(one commit of every stage per batch), the position is the store's version itself and a resumed run
+continues exactly. The data order and augmentation are seeded by
 (seed, epoch) and (seed, batch), so the resumed run sees exactly the batches an uninterrupted one
 would; the delay generators restart from their seeds.
 """
@@ -25,23 +26,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import flax.serialization
 import jax
 import jax.numpy as jnp
 
-from asyncsgd.config import ConfigError
+from asyncsgd.config import parse_every
+from asyncsgd.errors import CheckpointError
 
 FORMAT = 1
-EXACT_TRAINERS = ("sync", "ddp")  # one commit of every stage per batch: the position is exact
 DIR = "checkpoints"
 PREFIX = "step-"
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint is missing, unreadable or does not fit the run (one-line message)."""
 
 
 def _trees(stores, timeout: Optional[float] = None) -> list:
@@ -66,15 +64,17 @@ def _fsync_dir(path: str) -> None:
 
 
 def save(out: str, session, position: dict, evaluator: dict, keep: int = 2,
-         lock_timeout: Optional[float] = None) -> str:
+         lock_timeout: Optional[float] = None, exact: bool = False, averaging_rounds: int = 0) -> str:
     """Writes a checkpoint of `session` at `position` (see the module docstring); returns its path.
 
     Args:
       lock_timeout: give up (`TimeoutError`) if a stage stays locked this long (on Ctrl+C).
+      exact: the trainer commits every stage once per batch (the store's versions are the position).
+      averaging_rounds: the run's model-averaging rounds so far (restored with the run).
     """
-    stores = session.replicas or [session.store]
+    stores = session.stores
     taken = _trees(stores, lock_timeout)
-    if session.config.trainer in EXACT_TRAINERS:
+    if exact:
         # Whole-model commits: the versions count the batches applied, exactly (the recorder may lag
         # by the step the trainer dispatched before reporting the previous one).
         steps = min(taken[0]["versions"])
@@ -82,7 +82,7 @@ def save(out: str, session, position: dict, evaluator: dict, keep: int = 2,
     arrays = jax.device_get([{k: t[k] for k in ("params", "opt_states", "states")} for t in taken])
     meta = {"format": FORMAT, "steps": position["steps"], "recorder": position, "evaluator": evaluator,
             "versions": [t["versions"] for t in taken], "state_versions": [t["state_versions"] for t in taken],
-            "averaging_rounds": session.averaging_rounds, "config": session.config.to_dict(),
+            "averaging_rounds": averaging_rounds, "config": session.config.to_dict(),
             "saved_at": time.time()}
     root = os.path.join(out, DIR)
     os.makedirs(root, exist_ok=True)
@@ -148,7 +148,7 @@ def restore(path: str, session) -> dict:
       CheckpointError: unreadable, or its trees do not fit the session's model.
     """
     meta = read_meta(path)
-    stores = session.replicas or [session.store]
+    stores = session.stores
     if len(meta["versions"]) != len(stores):
         raise CheckpointError(f"checkpoint {path} holds {len(meta['versions'])} model copies; this run has {len(stores)}")
     template = jax.device_get([{k: t[k] for k in ("params", "opt_states", "states")} for t in _trees(stores)])
@@ -165,5 +165,60 @@ def restore(path: str, session) -> dict:
                                     "states": [s.state for s in live]})
         store.load(meta["versions"][index], placed["params"], placed["opt_states"], placed["states"],
                    meta["state_versions"][index])
-    session.averaging_rounds = meta.get("averaging_rounds", 0)
     return meta
+
+
+class Checkpointer:
+    """Writes checkpoints every `config.checkpoint_every` steps or seconds (from the coordinating
+    thread, workers running) and on request (an interrupted run).
+
+    Args:
+      session: the run's session (its recorder gives the position, its clock the time).
+      out: the output directory (None: no checkpoints).
+      exact: the trainer's position is exact (see `save`).
+      evaluator_state: `() -> dict`, the test evaluator's state to keep.
+      averaging_rounds: `() -> int`, the run's averaging rounds so far.
+    """
+
+    def __init__(self, session, out: Optional[str], exact: bool, evaluator_state: Callable[[], dict],
+                 averaging_rounds: Callable[[], int]):
+        self.session, self.out, self.exact = session, out, exact
+        self.evaluator_state, self.averaging_rounds = evaluator_state, averaging_rounds
+        self.every = parse_every(session.config.checkpoint_every) if out else None
+        self.last_steps = 0
+        self.last_time = session.clock.now()
+        self.last_path: Optional[str] = None
+
+    def maybe_save(self) -> None:
+        if self.every is None:
+            return
+        unit, value = self.every
+        recorder = self.session.recorder
+        due = (recorder.done_through + 1 - self.last_steps >= value if unit == "steps"
+               else self.session.clock.now() - self.last_time >= value)
+        if due:
+            self.save()
+
+    def save(self, lock_timeout: Optional[float] = None) -> None:
+        recorder = self.session.recorder
+        position = recorder.state()  # first the position, then the snapshot (at-least-once)
+        self.last_path = save(self.out, self.session, position, self.evaluator_state(),
+                              keep=self.session.config.keep_checkpoints, lock_timeout=lock_timeout, exact=self.exact,
+                              averaging_rounds=self.averaging_rounds())
+        steps = read_meta(self.last_path)["steps"]
+        self.last_steps, self.last_time = steps, self.session.clock.now()
+        recorder.log({"event": "checkpoint", "step": steps, "path": os.path.relpath(self.last_path, self.out)})
+
+    def save_quietly(self) -> None:
+        """On Ctrl+C: a checkpoint if there is an output directory; a failure here must not hide the
+        interrupt (it is reported on stderr)."""
+        if self.out is None:
+            return
+        try:
+            self.session.recorder.tick()
+        except Exception:  # noqa: BLE001 - a non-finite loss among the last steps: keep the last checkpoint
+            return
+        try:
+            self.save(lock_timeout=2.0)  # the workers have stopped: a lock held longer was never released
+        except Exception as exc:  # noqa: BLE001
+            print(f"asyncsgd: warning: no checkpoint on interrupt: {exc}", file=sys.stderr)

@@ -14,24 +14,43 @@ import signal
 import sys
 from typing import Optional, Sequence
 
-from asyncsgd.config import (CIFAR100_LABELS, DATASETS, MODELS, NORMS, OPTIMIZERS, RESIDUAL_MODES, SCHEDULES, TRAINERS,
-                             WINDOW_SCOPES, ConfigError, TrainConfig)
+from asyncsgd import trainers
+from asyncsgd.config import (CIFAR100_LABELS, CLOCKS, DATASETS, MODELS, NORMS, OPTIMIZERS, PLACEMENTS,
+                             RESIDUAL_MODES, SCHEDULES, WINDOW_SCOPES, TrainConfig)
+from asyncsgd.errors import RUNTIME_ERRORS, USAGE_ERRORS, ConfigError
 
 _DEFAULTS = TrainConfig()
 
 
 class _Parser(argparse.ArgumentParser):
+    """One-line errors (exit 2), and a record of every flag added through `flag()` (`flags`: dest ->
+    the argparse action), so the CLI can map configurations back to flags without argparse's internals."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.flags: dict = {}
+        self.subcommands: dict = {}
+
     def error(self, message: str) -> None:  # one line, exit 2
         raise ConfigError(message)
+
+    def flag(self, group, *names: str, **kwargs) -> argparse.Action:
+        action = (group or self).add_argument(*names, **kwargs)
+        self.flags[action.dest] = action
+        return action
 
 
 def _trainer_list(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in TRAINERS]
+    unknown = [name for name in names if name not in trainers.TRAINERS]
     if not names or unknown:
         raise argparse.ArgumentTypeError(f"unknown trainer(s) {', '.join(unknown) or '(none)'}; "
-                                         f"choose from {', '.join(TRAINERS)}")
+                                         f"choose from {', '.join(trainers.names())}")
     return names
+
+
+def _trainer_help() -> str:
+    return "; ".join(f"{name}: {spec.description}" for name, spec in trainers.TRAINERS.items())
 
 
 def _model_list(text: str) -> list[str]:
@@ -43,85 +62,102 @@ def _model_list(text: str) -> list[str]:
     return names
 
 
-def _add_run_flags(parser: argparse.ArgumentParser, model_default: str, epochs_default: int) -> None:
+def _add_run_flags(parser: _Parser, model_default: str, epochs_default: int) -> None:
     d = _DEFAULTS
     g = parser.add_argument_group("what to train")
-    g.add_argument("--model", choices=MODELS, default=model_default)
-    g.add_argument("--dataset", choices=DATASETS, default=d.dataset)
-    g.add_argument("--data-dir", default=None, help="directory with the dataset files (searched first)")
-    g.add_argument("--train-subset", type=int, default=None, help="use only the first N training examples")
-    g.add_argument("--norm", choices=NORMS, default=d.norm,
+    parser.flag(g, "--model", choices=MODELS, default=model_default)
+    parser.flag(g, "--dataset", choices=DATASETS, default=d.dataset)
+    parser.flag(g, "--data-dir", default=None, help="directory with the dataset files (searched first)")
+    parser.flag(g, "--train-subset", type=int, default=None, help="use only the first N training examples")
+    parser.flag(g, "--norm", choices=NORMS, default=d.norm,
                    help="ResNets: batch norm (running statistics kept in the store) or GroupNorm (stateless)")
-    g.add_argument("--no-augment", action="store_false", dest="augment",
+    parser.flag(g, "--no-augment", action="store_false", dest="augment",
                    help="no training augmentation (CIFAR's default: pad-4 random crop and horizontal flip)")
-    g.add_argument("--cifar100-labels", choices=CIFAR100_LABELS, default=d.cifar100_labels,
+    parser.flag(g, "--cifar100-labels", choices=CIFAR100_LABELS, default=d.cifar100_labels,
                    help="CIFAR-100: fine (100 classes) or coarse (20) labels")
-    g.add_argument("--vocab-size", type=int, default=d.vocab_size, help="IMDb vocabulary size (with pad and OOV)")
-    g.add_argument("--min-count", type=int, default=d.min_count, help="IMDb: least count of a vocabulary word")
-    g.add_argument("--max-len", type=int, default=d.max_len, help="IMDb: tokens per review (longer keep their end)")
+    parser.flag(g, "--vocab-size", type=int, default=d.vocab_size, help="IMDb vocabulary size (with pad and OOV)")
+    parser.flag(g, "--min-count", type=int, default=d.min_count, help="IMDb: least count of a vocabulary word")
+    parser.flag(g, "--max-len", type=int, default=d.max_len, help="IMDb: tokens per review (longer keep their end)")
     g = parser.add_argument_group("how long")
-    g.add_argument("--epochs", type=int, default=epochs_default)
-    g.add_argument("--max-steps", type=int, default=None, help="stop after N steps")
-    g.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.flag(g, "--epochs", type=int, default=epochs_default)
+    parser.flag(g, "--max-steps", type=int, default=None, help="stop after N steps")
+    parser.flag(g, "--batch-size", type=int, default=d.batch_size)
     g = parser.add_argument_group("optimiser (applied per stage)")
-    g.add_argument("--optimizer", choices=OPTIMIZERS, default=d.optimizer)
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--schedule", choices=SCHEDULES, default=d.schedule)
-    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps,
+    parser.flag(g, "--optimizer", choices=OPTIMIZERS, default=d.optimizer)
+    parser.flag(g, "--lr", type=float, default=d.lr)
+    parser.flag(g, "--momentum", type=float, default=d.momentum)
+    parser.flag(g, "--nesterov", action="store_true")
+    parser.flag(g, "--weight-decay", type=float, default=d.weight_decay)
+    parser.flag(g, "--schedule", choices=SCHEDULES, default=d.schedule)
+    parser.flag(g, "--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear learning-rate warm-up over the first N updates of each stage")
+    _add_schedule_flags(parser, d)
+
+
+def _add_schedule_flags(parser: _Parser, d: TrainConfig) -> None:
+    """The flags of the asynchronous schedule, devices and delays, the clock and the run's plumbing."""
     g = parser.add_argument_group("asynchronous trainers")
-    g.add_argument("--forward-threads", type=int, default=d.forward_threads, help="pdasgd/dasgd forward workers")
-    g.add_argument("--backward-threads", type=int, default=d.backward_threads,
+    parser.flag(g, "--forward-threads", type=int, default=d.forward_threads, help="pdasgd/dasgd forward workers")
+    parser.flag(g, "--backward-threads", type=int, default=d.backward_threads,
                    help="pdasgd/dasgd backward workers")
-    g.add_argument("--max-inflight", type=int, default=d.max_inflight,
+    parser.flag(g, "--max-inflight", type=int, default=d.max_inflight,
                    help="items a forward pass may run ahead of the oldest unfinished backward "
                         "(0: one at a time, deterministic with 1 forward and 1 backward thread); "
                         "staleness is at most 2x this")
-    g.add_argument("--no-stage-sync", action="store_false", dest="stage_sync",
+    parser.flag(g, "--no-stage-sync", action="store_false", dest="stage_sync",
                    help="pdasgd/dasgd workers dispatch whole passes instead of waiting stage by stage")
-    g.add_argument("--workers", type=int, default=d.workers, help="hogwild worker threads")
-    g.add_argument("--residuals", choices=RESIDUAL_MODES, default=d.residuals,
+    parser.flag(g, "--workers", type=int, default=d.workers, help="hogwild worker threads")
+    parser.flag(g, "--residuals", choices=RESIDUAL_MODES, default=d.residuals,
                    help="stash the forward's pullback, or recompute it at the current parameters")
     g = parser.add_argument_group("devices and delays")
-    g.add_argument("--devices", type=int, default=d.devices,
-                   help="JAX devices, each with its own workers (pdasgd, dasgd, hogwild, ddp, lapsgd, lppsgd); on "
-                        "a CPU, virtual devices sharing the cores")
-    g.add_argument("--delay", default=d.delay,
+    parser.flag(g, "--devices", type=int, default=d.devices,
+                   help="JAX devices, each with its own workers (" + ", ".join(trainers.multi_device_names())
+                        + "); on a CPU, virtual devices sharing the cores")
+    parser.flag(g, "--delay", default=d.delay,
                    help="extra latency, the same for every trainer: none | straggler:device=0,factor=4 | "
                         "exp:mean=0.02 | lognormal:mean=0.02,sigma=1 | periodic:every=50,stall=1.0 "
                         "(seconds; a straggler's compute steps take factor x longer, the random and periodic "
-                        "delays follow each pushed update; see README 'Devices and delays')")
-    g.add_argument("--window", choices=WINDOW_SCOPES, default=d.window,
+                        "delays follow each pushed update; see docs/usage.md, 'Devices and delays')")
+    parser.flag(g, "--window", choices=WINDOW_SCOPES, default=d.window,
                    help="run-ahead bound on several devices: one window over all batches (global: hard staleness "
                         "bound; a straggler holds everyone back) or one per device (device)")
-    g.add_argument("--averaging-period", type=int, default=d.averaging_period,
+    parser.flag(g, "--placement", choices=PLACEMENTS, default=d.placement,
+                help="replicated: every device runs every worker; split (pdasgd, dasgd): the first device runs the "
+                     "forward workers, every other device backward workers (the paper's split of the work)")
+    parser.flag(g, "--averaging-period", type=int, default=d.averaging_period,
                    help="lapsgd/lppsgd: average the device copies every N global steps (after the warm-up)")
-    g.add_argument("--averaging-warmup", type=int, default=d.averaging_warmup,
+    parser.flag(g, "--averaging-warmup", type=int, default=d.averaging_warmup,
                    help="lapsgd/lppsgd: average after every global step for the first N global steps")
+    g = parser.add_argument_group("clock")
+    parser.flag(g, "--clock", choices=CLOCKS, default=d.clock,
+                help="wall: real time; simulated: virtual time on a device model, one thread at a time, "
+                     "deterministic (figures are SIMULATED, labelled with the profile; docs/simulated-clock.md)")
+    parser.flag(g, "--profile", default=None,
+                help="with --clock simulated: a100 (default) | h100 | a JSON file (see 'asyncsgd profile')")
+    parser.flag(g, "--sim-tie-seed", type=int, default=None,
+                help="with --clock simulated: shuffle the order of simultaneous events with this seed "
+                     "(default: device, then worker order)")
     g = parser.add_argument_group("run")
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--out", default=None, help="output directory (default runs/<trainer>-<model>-<dataset>)")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    g.add_argument("--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
-    g.add_argument("--eval-every-steps", type=int, default=None,
+    parser.flag(g, "--seed", type=int, default=d.seed)
+    parser.flag(g, "--out", default=None, help="output directory (default runs/<trainer>-<model>-<dataset>)")
+    parser.flag(g, "--overwrite", action="store_true", help="replace a finished run in --out")
+    parser.flag(g, "--eval-every", type=int, default=d.eval_every, help="evaluate every N epochs")
+    parser.flag(g, "--eval-every-steps", type=int, default=None,
                    help="also evaluate every N steps while the workers run (on a snapshot; default with "
                         "--target-accuracy: a tenth of an epoch)")
-    g.add_argument("--target-accuracy", type=float, default=None,
+    parser.flag(g, "--target-accuracy", type=float, default=None,
                    help="stop when the test accuracy reaches this (0-1); summary.json gets time_to_target_s")
-    g.add_argument("--no-stop-at-target", action="store_false", dest="stop_at_target",
+    parser.flag(g, "--no-stop-at-target", action="store_false", dest="stop_at_target",
                    help="with --target-accuracy: record the time to the target but train to the end")
-    g.add_argument("--log-every", type=int, default=d.log_every, help="train record every N steps")
-    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation batch")
-    g.add_argument("--watchdog", type=float, default=d.watchdog_s, dest="watchdog_s",
+    parser.flag(g, "--log-every", type=int, default=d.log_every, help="train record every N steps")
+    parser.flag(g, "--eval-batch-size", type=int, default=d.eval_batch_size, help="examples per evaluation batch")
+    parser.flag(g, "--watchdog", type=float, default=d.watchdog_s, dest="watchdog_s",
                    help="seconds without progress before a run is declared stuck")
-    g.add_argument("--no-progress", action="store_false", dest="progress", help="no progress bar")
-    g.add_argument("--checkpoint-every", default=None,
+    parser.flag(g, "--no-progress", action="store_false", dest="progress", help="no progress bar")
+    parser.flag(g, "--checkpoint-every", default=None,
                    help="write a checkpoint every N steps (500) or seconds (30s) into OUT/checkpoints; one is "
                         "always written on Ctrl+C / SIGTERM")
-    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="keep the last K checkpoints")
+    parser.flag(g, "--keep-checkpoints", type=int, default=d.keep_checkpoints, help="keep the last K checkpoints")
 
 
 def _config_from(args: argparse.Namespace, **overrides) -> TrainConfig:
@@ -136,39 +172,54 @@ def build_parser() -> argparse.ArgumentParser:
                      "and layer-wise updates (PD-ASGD), with its baselines.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("train", help="train one model with one trainer")
-    p.add_argument("--trainer", choices=TRAINERS, default=_DEFAULTS.trainer)
-    p.add_argument("--resume", metavar="OUT", default=None,
+    parser.subcommands["train"] = p
+    p.flag(None, "--trainer", choices=trainers.names(), default=_DEFAULTS.trainer, help=_trainer_help())
+    p.flag(None, "--resume", metavar="OUT", default=None,
                    help="continue the run in OUT from its latest checkpoint, with its saved configuration "
                         "(flags that would change what is computed are refused)")
     _add_run_flags(p, model_default="cnn", epochs_default=1)
     p = sub.add_parser("compare", help="train with several trainers one after another and print a table")
-    p.add_argument("--trainers", type=_trainer_list, default=["sync", "pdasgd", "dasgd", "hogwild"])
+    parser.subcommands["compare"] = p
+    p.flag(None, "--trainers", type=_trainer_list, default=trainers.default_comparison(),
+           help="comma-separated (default: %(default)s)")
     _add_run_flags(p, model_default="mlp", epochs_default=1)
     p = sub.add_parser("bench", help="throughput of several trainers side by side on synthetic data "
                        "shaped like --dataset")
-    p.add_argument("--trainers", type=_trainer_list, default=["sync", "layerwise", "pdasgd", "dasgd", "hogwild"])
-    p.add_argument("--steps", type=int, default=20, help="timed steps per trainer and round")
-    p.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
-    p.add_argument("--unit-times", action="store_true", help="also time each stage's units in isolation")
-    p.add_argument("--models", type=_model_list, default=None,
+    parser.subcommands["bench"] = p
+    p.flag(None, "--trainers", type=_trainer_list, default=trainers.default_comparison(),
+           help="comma-separated (default: %(default)s)")
+    p.flag(None, "--steps", type=int, default=20, help="timed steps per trainer and round")
+    p.flag(None, "--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
+    p.flag(None, "--unit-times", action="store_true", help="also time each stage's units in isolation")
+    p.flag(None, "--models", type=_model_list, default=None,
                    help="instead of comparing trainers: size and time each of these models (comma-separated, "
                         "or 'all') on data shaped like its paper dataset")
     _add_run_flags(p, model_default="cnn", epochs_default=1)
+    p = sub.add_parser("profile", help="measure this machine's per-unit seconds into a device profile for "
+                       "--clock simulated (and, with --validate, compare its predictions with wall-clock runs)")
+    parser.subcommands["profile"] = p
+    p.flag(None, "--repeats", type=int, default=10, help="timed calls per unit")
+    p.flag(None, "--validate", action="store_true",
+           help="then run --trainers on the wall clock and on the simulated clock with this profile, side by side")
+    p.flag(None, "--trainers", type=_trainer_list, default=trainers.default_comparison(),
+           help="with --validate (default: %(default)s)")
+    p.flag(None, "--steps", type=int, default=20, help="with --validate: timed steps per trainer and round")
+    p.flag(None, "--rounds", type=int, default=3, help="with --validate: interleaved rounds")
+    _add_run_flags(p, model_default="mlp", epochs_default=1)
     return parser
 
 
 def config_to_argv(config: TrainConfig) -> list[str]:
     """`asyncsgd train` flags that reproduce `config` (fields left at their defaults are omitted)."""
-    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["train"]
-    by_dest = {action.dest: action for action in sub._actions if action.option_strings}
+    flags = build_parser().subcommands["train"].flags
     argv = ["train"]
     for field in dataclasses.fields(TrainConfig):
         value, default = getattr(config, field.name), field.default
         if value == default:
             continue
-        action = by_dest[field.name]
-        if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
-            argv.append(action.option_strings[0])  # the flag flips the default
+        action = flags[field.name]
+        if action.nargs == 0:  # store_true / store_false: the flag flips the default
+            argv.append(action.option_strings[0])
         else:
             argv += [action.option_strings[0], str(value)]
     return argv
@@ -180,10 +231,10 @@ def _default_out(config: TrainConfig, command: str) -> str:
     return f"runs/{config.trainer}-{config.model}-{config.dataset}"
 
 
-def _explicit(parser: argparse.ArgumentParser, command: str, argv: Sequence[str]) -> set[str]:
+def _explicit(parser: _Parser, command: str, argv: Sequence[str]) -> set[str]:
     """The destinations of the flags given on the command line (not left at their defaults)."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
-    by_flag = {flag: action.dest for action in sub._actions for flag in action.option_strings}
+    by_flag = {flag: action.dest for action in parser.subcommands[command].flags.values()
+               for flag in action.option_strings}
     return {by_flag[token.split("=", 1)[0]] for token in argv if token.split("=", 1)[0] in by_flag}
 
 
@@ -192,7 +243,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "resume", None):
-        from asyncsgd.run import resume_config
+        from asyncsgd.outputs import resume_config
         explicit = _explicit(parser, "train", argv) - {"resume"}
         config = resume_config(args.resume, {name: getattr(args, name) for name in explicit})
         from asyncsgd.devices import request_cpu_devices
@@ -205,6 +256,16 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         from asyncsgd.bench import format_model_table, model_table
         config = _config_from(args, out=None)
         print(format_model_table(model_table(config, args.models, repeats=args.rounds, out=args.out)))
+        return 0
+    if args.command == "profile":
+        from asyncsgd.bench import format_validation, measure_profile, validate_profile
+        if not args.out:
+            raise ConfigError("asyncsgd profile needs --out FILE (where to write the profile, JSON)")
+        config = _config_from(args, out=None)
+        profile = measure_profile(config, args.out, repeats=args.repeats)
+        print(f"wrote {args.out}: {len(profile.units)} units measured (batch {config.batch_size})")
+        if args.validate:
+            print(format_validation(validate_profile(config, args.out, args.trainers, args.steps, args.rounds)))
         return 0
     if args.command == "bench":
         from asyncsgd.bench import bench, format_bench
@@ -244,20 +305,16 @@ def _sigterm(signum, frame):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    from asyncsgd.data import ChecksumError, DataFormatError, DatasetNotFound
-    from asyncsgd.metrics import NonFiniteLoss
-    from asyncsgd.workers import StallError, WorkerError
-
     signal.signal(signal.SIGTERM, _sigterm)
     if hasattr(signal, "SIGUSR1"):  # `kill -USR1 PID` prints every thread's stack: what a stuck run is doing
         import faulthandler
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _main(argv)
-    except ConfigError as exc:
+    except USAGE_ERRORS as exc:
         print(f"asyncsgd: error: {exc}", file=sys.stderr)
         return 2
-    except (DatasetNotFound, DataFormatError, ChecksumError, WorkerError, StallError, NonFiniteLoss) as exc:
+    except RUNTIME_ERRORS as exc:
         print(f"asyncsgd: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

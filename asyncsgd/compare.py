@@ -9,8 +9,9 @@ from typing import Optional, Sequence
 
 from asyncsgd.config import TrainConfig, validate
 from asyncsgd.data import Dataset
-from asyncsgd.metrics import NonFiniteLoss
-from asyncsgd.run import load_for, train
+from asyncsgd.assemble import load_for
+from asyncsgd.errors import DivergedError
+from asyncsgd.run import train
 
 
 def compare(base: TrainConfig, trainers: Sequence[str], dataset: Optional[Dataset] = None) -> dict:
@@ -28,7 +29,7 @@ def compare(base: TrainConfig, trainers: Sequence[str], dataset: Optional[Datase
     for config in configs:
         try:
             rows.append(train(config, dataset))
-        except NonFiniteLoss as exc:  # a diverged trainer is a result, not the end of the comparison
+        except DivergedError as exc:  # a diverged trainer is a result, not the end of the comparison
             rows.append(exc.summary)
     table = format_comparison(rows)
     result = {"rows": rows, "table": table}

@@ -11,9 +11,10 @@ import dataclasses
 import math
 from typing import Optional
 
-TRAINERS = ("sync", "layerwise", "pdasgd", "dasgd", "hogwild", "ddp", "lapsgd", "lppsgd")
-# Trainers that run their workers on every one of `devices` devices (the others use one device).
-MULTI_DEVICE_TRAINERS = ("pdasgd", "dasgd", "hogwild", "ddp", "lapsgd", "lppsgd")
+from asyncsgd import trainers
+from asyncsgd.delays import parse_delay
+from asyncsgd.errors import ConfigError
+
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50", "lstm")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imdb", "synthetic", "synthetic_text")
 NORMS = ("batch", "group")
@@ -23,11 +24,9 @@ TEXT_DATASETS = ("imdb", "synthetic_text")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 RESIDUAL_MODES = ("stash", "recompute")
+CLOCKS = ("wall", "simulated")
+PLACEMENTS = ("replicated", "split")
 WINDOW_SCOPES = ("global", "device")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the message is one line and names the field."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +80,9 @@ class TrainConfig:
     # The run-ahead window on N devices: "global" (one over all batches: a hard staleness bound, but a
     # straggler's oldest item holds every device back) or "device" (each device bounds its own).
     window: str = "global"
+    # Where a trainer's workers go on N devices: "replicated" (every device runs all of them) or, for the
+    # decoupled trainers, "split" (the first device runs the forward workers, the others the backward ones).
+    placement: str = "replicated"
     # Extra latency, seeded and applied the same way by every trainer (see `asyncsgd.delays`).
     delay: str = "none"
     # LAP-SGD / LPP-SGD: average the device copies after every global step for the first
@@ -96,8 +98,14 @@ class TrainConfig:
     eval_every_steps: Optional[int] = None
     # Async workers wait for each stage's result before the next stage (True), or dispatch whole passes
     # and let XLA's runtime order them by data dependencies (False). Versions and staleness are exact
-    # either way (they follow dispatch order); see README "Measured on this machine".
+    # either way (they follow dispatch order); see docs/measurements.md.
     stage_sync: bool = True
+    # The run's clock: "wall" (real time) or "simulated" (virtual time on a device model, one thread at a
+    # time, deterministic; see docs/simulated-clock.md), its device profile (a built-in name or a JSON
+    # file; default a100) and a seed for the order of simultaneous events (None: device, worker order).
+    clock: str = "wall"
+    profile: Optional[str] = None
+    sim_tie_seed: Optional[int] = None
     # Checkpoints: every N steps ("500") or seconds ("30s"), None: only on Ctrl+C / SIGTERM; keep the last K.
     checkpoint_every: Optional[str] = None
     keep_checkpoints: int = 2
@@ -108,10 +116,6 @@ class TrainConfig:
     watchdog_s: float = 120.0
     progress: bool = True
     overwrite: bool = False
-
-    @property
-    def uses_threads(self) -> bool:
-        return self.trainer in ("pdasgd", "dasgd", "hogwild", "lapsgd", "lppsgd")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -144,8 +148,9 @@ def parse_every(text: Optional[str]) -> Optional[tuple[str, float]]:
 
 
 def validate(config: TrainConfig) -> TrainConfig:
-    """Checks every field; returns the config unchanged or raises `ConfigError`."""
-    _choice("trainer", config.trainer, TRAINERS)
+    """Checks every field, then asks the trainer's spec (`asyncsgd.trainers`) for its own checks;
+    returns the config unchanged or raises `ConfigError`."""
+    _choice("trainer", config.trainer, trainers.names())
     _choice("model", config.model, MODELS)
     _choice("dataset", config.dataset, DATASETS)
     _choice("optimizer", config.optimizer, OPTIMIZERS)
@@ -153,6 +158,13 @@ def validate(config: TrainConfig) -> TrainConfig:
     _choice("residuals", config.residuals, RESIDUAL_MODES)
     _choice("norm", config.norm, NORMS)
     _choice("window", config.window, WINDOW_SCOPES)
+    _choice("clock", config.clock, CLOCKS)
+    _choice("placement", config.placement, PLACEMENTS)
+    _require(config.clock == "simulated" or (config.profile is None and config.sim_tie_seed is None),
+             "--profile and --sim-tie-seed need --clock simulated")
+    if config.clock == "simulated":
+        from asyncsgd.sim.profiles import load_profile  # noqa: PLC0415  (raises ConfigError naming the problem)
+        load_profile(config.profile)
     _choice("cifar100_labels", config.cifar100_labels, CIFAR100_LABELS)
     text_model, text_data = config.model in TEXT_MODELS, config.dataset in TEXT_DATASETS
     _require(text_model == text_data,
@@ -180,12 +192,6 @@ def validate(config: TrainConfig) -> TrainConfig:
     _require(0 <= config.max_inflight <= 1024, f"--max-inflight must be in [0, 1024], got {config.max_inflight}")
     _require(1 <= config.workers <= 64, f"--workers must be in [1, 64], got {config.workers}")
     _require(1 <= config.devices <= 64, f"--devices must be in [1, 64], got {config.devices}")
-    _require(config.devices == 1 or config.trainer in MULTI_DEVICE_TRAINERS,
-             f"--trainer {config.trainer} runs on one device; --devices {config.devices} needs one of "
-             + ", ".join(MULTI_DEVICE_TRAINERS))
-    _require(config.trainer != "ddp" or config.batch_size % config.devices == 0,
-             f"--batch-size {config.batch_size} must be divisible by --devices {config.devices} for ddp "
-             "(the global batch is split across devices)")
     _require(config.averaging_period >= 1, f"--averaging-period must be >= 1, got {config.averaging_period}")
     _require(config.averaging_warmup >= 0, f"--averaging-warmup must be >= 0, got {config.averaging_warmup}")
     _require(config.target_accuracy is None or 0.0 < config.target_accuracy <= 1.0,
@@ -194,10 +200,10 @@ def validate(config: TrainConfig) -> TrainConfig:
              f"--eval-every-steps must be >= 1, got {config.eval_every_steps}")
     parse_every(config.checkpoint_every)
     _require(config.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {config.keep_checkpoints}")
-    from asyncsgd.delays import parse_delay  # noqa: PLC0415  (delays imports ConfigError from here)
     parse_delay(config.delay, devices=config.devices)
     _require(config.eval_every >= 1, f"--eval-every must be >= 1, got {config.eval_every}")
     _require(config.log_every >= 1, f"--log-every must be >= 1, got {config.log_every}")
     _require(config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}")
     _require(config.watchdog_s > 0, f"--watchdog must be > 0 seconds, got {config.watchdog_s}")
+    trainers.check(config)
     return config

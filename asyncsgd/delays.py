@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from asyncsgd.config import ConfigError
+from asyncsgd.clock import WALL, Clock
+from asyncsgd.errors import ConfigError
 
 KINDS = {
     "none": {},
@@ -129,11 +130,13 @@ class DeviceDelay:
       seed: the run's seed; `(seed, device, worker)` seeds the generator.
       worker: the worker's index on its device.
       stop: the event that ends a sleep early (the crew's stop event).
+      clock: the run's clock (sleeps pass its time).
     """
 
     def __init__(self, spec: DelaySpec, device: int, seed: int, worker: int = 0,
-                 stop: Optional[threading.Event] = None):
+                 stop: Optional[threading.Event] = None, clock: Clock = WALL):
         self.spec = spec
+        self.clock = clock
         self.device = device
         self.stop = stop or threading.Event()
         self.rng = np.random.default_rng([seed, device, worker, 0x0de1a7])
@@ -149,8 +152,8 @@ class DeviceDelay:
 
     def compute_extra(self, elapsed_s: float) -> float:
         """Seconds to add after a compute step that took `elapsed_s`."""
-        if self.spec.kind == "straggler" and self._applies_here():
-            return (self.spec.factor - 1.0) * elapsed_s
+        if self.spec.kind == "straggler" and self._applies_here() and not self.clock.scales_compute:
+            return (self.spec.factor - 1.0) * elapsed_s  # (a simulated clock scales the device's costs instead)
         return 0.0
 
     def push_extra(self) -> float:
@@ -170,7 +173,7 @@ class DeviceDelay:
         """Sleeps without burning CPU; returns early when the run stops."""
         if seconds > 0:
             self.slept_s += seconds
-            self.stop.wait(seconds)
+            self.clock.sleep(seconds, self.stop)
 
     def after_compute(self, elapsed_s: float) -> None:
         self.sleep(self.compute_extra(elapsed_s))

@@ -28,6 +28,12 @@ def request_cpu_devices(count: int) -> None:
         pass  # the backend already runs: whatever it has is checked by `run_devices`
 
 
+def simulated_devices(count: int) -> list:
+    """`count` simulated devices for a simulated clock: all compute on the one default device (each
+    keeps its own copies and its own streams in the device model; no real devices are needed)."""
+    return [jax.devices()[0]] * count
+
+
 def run_devices(count: int) -> list:
     """The first `count` JAX devices; `ConfigError` if there are fewer."""
     available = jax.devices()

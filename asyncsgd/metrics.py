@@ -1,4 +1,4 @@
-"""Telemetry: per-update staleness, progress, throughput, memory, MFU, and the JSONL writer.
+"""Telemetry: per-update staleness, progress, throughput, memory and MFU.
 
 Worker threads only ever *append* to lists here (atomic in CPython, no lock); the coordinating thread
 reads what has been appended so far in `Recorder.tick`, converts device scalars to floats (the only
@@ -9,14 +9,17 @@ drives the progress bar.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import resource
 import sys
+import threading
 import time
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
+
+from asyncsgd.clock import WALL, Clock
+from asyncsgd.errors import DivergedError
 
 
 class Update(NamedTuple):
@@ -26,7 +29,7 @@ class Update(NamedTuple):
     version_read: int     # version of the stage the forward pass (or gradient) used
     version_commit: int   # version of the stage the update was applied to
     worker: str
-    t_read: float         # time.perf_counter() at the read
+    t_read: float         # the run's clock at the read
     t_commit: float       # ... and at the commit
 
     @property
@@ -89,37 +92,6 @@ def measure_peak_flops(size: int = 2048, repeats: int = 12) -> float:
     return 2.0 * size ** 3 / best
 
 
-class JsonlWriter:
-    """Appends one JSON object per line, flushing each so a killed run keeps what it logged."""
-
-    def __init__(self, path: Optional[str]):
-        self._handle = open(path, "a", encoding="utf-8") if path else None
-
-    def write(self, record: dict) -> None:
-        if self._handle is not None:
-            self._handle.write(json.dumps(record) + "\n")
-            self._handle.flush()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-            self._handle = None
-
-
-class NonFiniteLoss(RuntimeError):
-    """A training loss came out NaN or infinite: the run has diverged (one-line message).
-
-    `step` is the 1-based training step whose loss was non-finite, `seq` its batch number; `train()`
-    adds the stages whose parameters are non-finite and attaches the written summary as `summary`.
-    """
-
-    def __init__(self, message: str, step: int = 0, seq: int = -1):
-        super().__init__(message)
-        self.step = step
-        self.seq = seq
-        self.summary: Optional[dict] = None
-
-
 class Recorder:
     """Collects what workers report during a run and turns it into logs and a progress bar.
 
@@ -127,14 +99,17 @@ class Recorder:
       stage_names: model stage names (staleness is summarised per name).
       batch_size: examples per training step.
       total_steps: steps planned (for the progress bar).
-      writer: the metrics.jsonl writer.
+      writer: the metrics.jsonl writer (`outputs.JsonlWriter`; None: records are dropped).
       log_every: write a train record every this many completed steps.
       progress: show a tqdm bar on stderr.
+      clock: the run's clock (timestamps, training time, throughput).
     """
 
     def __init__(self, stage_names: Sequence[str], batch_size: int, total_steps: int,
-                 writer: JsonlWriter, log_every: int = 20, progress: bool = True, desc: str = "train"):
+                 writer: Any, log_every: int = 20, progress: bool = True, desc: str = "train",
+                 clock: Clock = WALL):
         self.stage_names = tuple(stage_names)
+        self.clock = clock
         self.batch_size = batch_size
         self.writer = writer
         self.log_every = log_every
@@ -148,10 +123,14 @@ class Recorder:
         self._above: set[int] = set()
         self.losses: list[float] = []
         self._window: list[float] = []
-        self.queue_depth: Optional[Callable[[], int]] = None
+        self._queue_depth: Optional[int] = None  # the hand-off queues at the last tick (None: no queues)
         self.epoch = 0
-        self.train_time_s = 0.0
+        self.train_time_s = 0.0       # training time so far on the run's clock
+        self.real_train_time_s = 0.0  # ... and in real seconds (the same on the wall clock)
         self._epoch_start: Optional[float] = None
+        self._epoch_real_start = 0.0
+        # Notified (on the run's clock) whenever a batch finishes: a crew's coordinator waits on it.
+        self.progress = threading.Event()
         # Called at the end of every `tick` (coordinating thread): periodic evaluation hooks in here.
         self.on_tick: Optional[Callable[[], None]] = None
         # The largest resident set seen at a tick of this run (unlike the process's peak RSS, it does
@@ -167,9 +146,21 @@ class Recorder:
     def item_done(self, seq: int, loss: Any) -> None:
         """A training step's gradients have been fully applied."""
         self._done.append((seq, loss))
+        self.clock.notify(self.progress)
 
-    def record_update(self, update: Update) -> None:
-        self.updates.append(update)
+    def committed(self, stage: int, version_read: int, version_commit: int, worker: str, t_read: float) -> None:
+        """Stage `stage` got an update computed from `version_read`, applied to `version_commit`."""
+        self.updates.append(Update(stage, version_read, version_commit, worker, t_read, self.clock.now()))
+
+    def committed_all(self, commits: Sequence[Any], worker: str, versions_read: Optional[Sequence[int]] = None,
+                      times_read: Optional[Sequence[float]] = None) -> None:
+        """A whole-model commit (`store.commit_all`'s commits). Without `versions_read` the update was
+        computed from the versions it replaced (a synchronous step: staleness 0)."""
+        now = self.clock.now()
+        for stage, commit in enumerate(commits):
+            version = commit.before.version
+            self.updates.append(Update(stage, version if versions_read is None else versions_read[stage], version,
+                                       worker, now if times_read is None else times_read[stage], now))
 
     @property
     def finished(self) -> int:
@@ -182,12 +173,20 @@ class Recorder:
         return self.steps * self.batch_size
 
     def wall_time_s(self) -> float:
-        running = time.perf_counter() - self._epoch_start if self._epoch_start is not None else 0.0
+        """Training time so far on the run's clock (simulated seconds on a simulated clock)."""
+        running = self.clock.now() - self._epoch_start if self._epoch_start is not None else 0.0
         return self.train_time_s + running
+
+    def real_time_s(self) -> float:
+        """Training time so far in real seconds."""
+        running = self.clock.real_now() - self._epoch_real_start if self._epoch_start is not None else 0.0
+        return self.real_train_time_s + running
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-        self._epoch_start = time.perf_counter()
+        self._queue_depth = None
+        self._epoch_start = self.clock.now()
+        self._epoch_real_start = self.clock.real_now()
 
     @property
     def running(self) -> bool:
@@ -199,15 +198,19 @@ class Recorder:
             if tick:
                 self.tick()
         finally:
-            self.train_time_s = self.wall_time_s()
+            self.train_time_s, self.real_train_time_s = self.wall_time_s(), self.real_time_s()
             self._epoch_start = None
 
-    def tick(self) -> None:
+    def tick(self, queue_depth: Optional[int] = None) -> None:
         """Consumes newly finished steps: losses, progress bar, periodic train records.
 
+        Args:
+          queue_depth: items waiting in the trainer's hand-off queues now (its crew's `queue_depth()`).
         Raises:
-          NonFiniteLoss: a finished step's loss is NaN or infinite (the steps before it are counted).
+          DivergedError: a finished step's loss is NaN or infinite (the steps before it are counted).
         """
+        if queue_depth is not None:
+            self._queue_depth = queue_depth
         end = len(self._done)
         advanced = 0
         try:
@@ -216,7 +219,7 @@ class Recorder:
                 value = float(loss)  # the item finished, so this does not wait on the device
                 self._cursor += 1
                 if not math.isfinite(value):
-                    raise NonFiniteLoss(f"non-finite training loss ({value}) at step {self.steps + 1} "
+                    raise DivergedError(f"non-finite training loss ({value}) at step {self.steps + 1} "
                                         f"(batch {seq})", step=self.steps + 1, seq=seq)
                 self.losses.append(value)
                 self._window.append(value)
@@ -241,7 +244,7 @@ class Recorder:
     def state(self) -> dict:
         """What a checkpoint keeps of the recorder (at its low-water mark `done_through`)."""
         return {"steps": self.done_through + 1, "losses": self.losses[:self.done_through + 1],
-                "train_time_s": self.wall_time_s(), "epoch": self.epoch}
+                "train_time_s": self.wall_time_s(), "real_train_time_s": self.real_time_s(), "epoch": self.epoch}
 
     def restore(self, state: dict) -> None:
         """Continues from a checkpoint's `state()`: the next batch is seq `state["steps"]`."""
@@ -249,6 +252,7 @@ class Recorder:
         self.done_through -= 1
         self.losses = list(state["losses"])
         self.train_time_s = state["train_time_s"]
+        self.real_train_time_s = state.get("real_train_time_s", state["train_time_s"])
         self.epoch = state["epoch"]
         if self._bar is not None:
             self._bar.update(self.steps)
@@ -256,15 +260,16 @@ class Recorder:
     def _log_train(self) -> None:
         wall = self.wall_time_s()
         record = {"event": "train", "epoch": self.epoch, "step": self.steps, "samples": self.samples,
-                  "wall_time_s": round(wall, 4), "loss": float(np.mean(self._window)),
+                  "time_s": wall, "wall_time_s": round(self.real_time_s(), 4), "loss": float(np.mean(self._window)),
                   "samples_per_s": self.samples / wall if wall > 0 else 0.0}
-        if self.queue_depth is not None:
-            record["queue_depth"] = self.queue_depth()
-        self.writer.write(record)
+        if self._queue_depth is not None:
+            record["queue_depth"] = self._queue_depth
+        self.log(record)
         self._window = []
 
     def log(self, record: dict) -> None:
-        self.writer.write(record)
+        if self.writer is not None:
+            self.writer.write(record)
 
     def train_loss(self, last: int = 50) -> float:
         return float(np.mean(self.losses[-last:])) if self.losses else float("nan")

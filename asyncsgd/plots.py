@@ -28,9 +28,24 @@ def read_metrics(path: str) -> list[dict]:
 
 
 def eval_curve(records: Sequence[dict]) -> tuple[list[float], list[float], list[int]]:
-    """`(wall_time_s, test_accuracy, step)` of every test evaluation, in order."""
+    """`(time_s, test_accuracy, step)` of every test evaluation, in order; the time is on the run's
+    clock (older runs have only `wall_time_s`)."""
     evals = [r for r in records if r.get("event") == "eval"]
-    return ([r["wall_time_s"] for r in evals], [r["test_accuracy"] for r in evals], [r["step"] for r in evals])
+    return ([r.get("time_s", r["wall_time_s"]) for r in evals], [r["test_accuracy"] for r in evals],
+            [r["step"] for r in evals])
+
+
+def clock_label(run: str) -> str:
+    """The x-axis label of a run's training time: wall-clock, or simulated with its profile."""
+    try:
+        with open(os.path.join(run if os.path.isdir(run) else os.path.dirname(run), "summary.json"),
+                  encoding="utf-8") as handle:
+            summary = json.load(handle)
+    except (OSError, ValueError):
+        return "wall-clock training time (s)"
+    if summary.get("clock") == "simulated":
+        return f"SIMULATED training time (s), profile {(summary.get('profile') or {}).get('name', '?')}"
+    return "wall-clock training time (s)"
 
 
 def _pyplot():
@@ -60,8 +75,8 @@ def _finish(plt, fig, path: Optional[str]):
 
 def plot_accuracy(runs: Mapping[str, str], path: Optional[str], title: str = "",
                   target: Optional[float] = None, x: str = "time"):
-    """Test accuracy against wall-clock seconds (`x="time"`) or training steps (`x="steps"`), one
-    line per run.
+    """Test accuracy against training time on the runs' clock (`x="time"`: wall-clock, or simulated,
+    labelled as such with the profile) or training steps (`x="steps"`), one line per run.
 
     Args:
       runs: label -> run folder (or metrics.jsonl path).
@@ -81,7 +96,8 @@ def plot_accuracy(runs: Mapping[str, str], path: Optional[str], title: str = "",
                     label=label, color=colors[index % len(colors)], linestyle="-" if index % 2 == 0 else "--")
     if target is not None:
         ax.axhline(100 * target, color="grey", linestyle="--", linewidth=1, label=f"target {100 * target:.0f}%")
-    ax.set_xlabel("wall-clock training time (s)" if x == "time" else "training steps")
+    labels = {clock_label(run) for run in runs.values()}
+    ax.set_xlabel((" / ".join(sorted(labels))) if x == "time" else "training steps")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("\n".join(textwrap.wrap(title, 80)), fontsize=9)
     ax.grid(alpha=0.3)

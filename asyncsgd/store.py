@@ -1,4 +1,7 @@
-"""ParamStore: the only shared mutable state, and the only place with locks.
+"""ParamStore: the shared model state, and the only locks that guard parameters.
+
+(The thread plumbing in `workers.py` has locks of its own, for its channels and windows; they guard
+hand-offs between threads, never model state.)
 
 One slot per stage holds an immutable `Slot(version, params, opt_state, state, state_version)`:
 `state` is the stage's mutable non-trained state (batch-norm running statistics, `{}` if none),

@@ -50,7 +50,7 @@ def run_arms(arms: Sequence[Arm], seeds: int, out: str, dataset=None, isolate: b
              log=sys.stderr) -> list[dict]:
     """Trains every arm with seeds 0..seeds-1 (outputs in `out/<label>/seed<k>/`); returns one row per
     run: its summary plus `label`, `out` and the arm's columns. A diverged run is a row too."""
-    from asyncsgd.metrics import NonFiniteLoss
+    from asyncsgd.errors import DivergedError
     from asyncsgd.run import train
     rows, total, started = [], len(arms) * seeds, time.perf_counter()
     for number, (arm, seed) in enumerate(((a, s) for a in arms for s in range(seeds)), 1):
@@ -62,7 +62,7 @@ def run_arms(arms: Sequence[Arm], seeds: int, out: str, dataset=None, isolate: b
         else:
             try:
                 summary = train(config, dataset)
-            except NonFiniteLoss as exc:
+            except DivergedError as exc:
                 summary = exc.summary
         rows.append(dict(summary, label=arm.label, out=config.out, isolated=isolate, arm_columns=list(arm.columns),
                          **arm.columns))

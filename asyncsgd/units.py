@@ -8,12 +8,12 @@ For each stage l of a `StagedModel` this builds (DESIGN.md, "unit"):
   update[l](params, opt, grads)               -> (params', opt')
   merge_state[l](current, read, new)          -> state'   (stages with batch norm only)
 
-plus the whole-model functions the synchronous and Hogwild trainers need (`train_step`,
+plus the whole-model functions of one device that several trainers share (`train_step`,
 `model_grad`, `model_update`, `model_merge_state`), the loss head (`loss_grad`) and `evaluate`
-(evaluation mode: batch norm uses the running statistics). The multi-device trainers add
-`ddp_step` (one step over a device mesh with a gradient all-reduce, built by `build_ddp_step`),
-`partial_grad[k]` (LPP-SGD: the gradient of stage slice k only, built by `build_partial_grads`),
-and `average` / `shift` (LAP-SGD's model averaging).
+(evaluation mode: batch norm uses the running statistics). Trainers that need more (ddp's step over a
+device mesh, LAP-SGD's averaging, LPP-SGD's partial gradients) build it beside themselves in
+`asyncsgd/trainers/` from the pure building blocks here (`grads_of`, `apply_updates`, `model.loss`),
+compiled through the same `jit`, so every unit's traces are counted in one place.
 
 A jitted function is traced once and compiled once per device it runs on; `warmup(devices=...)`
 compiles each needed unit on every device of the run.
@@ -34,6 +34,7 @@ starts; `trace_counts` records how often each function was traced (it must stay 
 from __future__ import annotations
 
 import collections
+import contextlib
 import time
 from typing import Any, Callable, Collection, Optional, Sequence
 
@@ -46,8 +47,7 @@ from asyncsgd.models.staged import StagedModel, cross_entropy
 
 Params = Any
 
-UNIT_GROUPS = ("stages", "stages_split", "update", "train_step", "model_grad", "averaging", "partial_grad",
-               "ddp_step")
+UNIT_GROUPS = ("stages", "stages_split", "update", "train_step", "model_grad")
 
 
 def _apply_update(optimizer: optax.GradientTransformation, params, opt_state, grads):
@@ -72,70 +72,54 @@ class Units:
         self.optimizer = optimizer
         self.residuals = residuals
         self.trace_counts: collections.Counter = collections.Counter()
+        # Per unit: the pure function and the shapes it was traced with (for its FLOP count).
+        self._fns: dict[str, Callable] = {}
+        self.jitted: dict[str, Callable] = {}  # every unit by name (what `jit` returned)
+        self.signatures: dict[str, Any] = {}
+        self._flops: dict[str, float] = {}
         self.compile_time_s = 0.0
         self.residual_bytes = 0  # bytes one forward pass keeps for its backward (set by warmup)
         stages = model.stages
-        self.forward = [self._jit(f"forward/{s.name}", self._make_forward(i)) for i, s in enumerate(stages)]
-        self.backward = [self._jit(f"backward/{s.name}", self._make_backward(i)) for i, s in enumerate(stages)]
-        self.backward_update = [self._jit(f"backward_update/{s.name}", self._make_backward_update(i))
+        self.forward = [self.jit(f"forward/{s.name}", self._make_forward(i)) for i, s in enumerate(stages)]
+        self.backward = [self.jit(f"backward/{s.name}", self._make_backward(i)) for i, s in enumerate(stages)]
+        self.backward_update = [self.jit(f"backward_update/{s.name}", self._make_backward_update(i))
                                 for i, s in enumerate(stages)]
-        self.update = [self._jit(f"update/{s.name}", self._update) for s in stages]
-        self.merge_state = [self._jit(f"merge_state/{s.name}", model.merge_state) for s in stages]
-        self.model_merge_state = self._jit("model_merge_state", self._model_merge_state)
-        self.loss_grad = self._jit("loss_grad", jax.value_and_grad(cross_entropy))
-        self.train_step = self._jit("train_step", self._train_step)
-        self.model_grad = self._jit("model_grad", self._model_grad)
-        self.model_update = self._jit("model_update", self._model_update)
-        self.evaluate = self._jit("evaluate", self._evaluate)
-        self.average = self._jit("average", _tree_mean)
-        self.shift = self._jit("shift", _tree_shift)
-        self.ddp_step: Optional[Callable] = None
-        self.mesh = None
-        self.slices: tuple[tuple[int, int], ...] = ()
-        self.partial_grad: list[Callable] = []
-        self.average_copies = 1  # how many model copies `average` takes (LAP-SGD: one per device)
-
-    def build_ddp_step(self, mesh) -> None:
-        """`ddp_step(params, opts, states, x, labels) -> (params, opts, states, loss)` over `mesh` (one
-        axis): parameters replicated, the batch split along the axis, gradients (and the loss and the
-        batch-norm statistics) averaged across devices with `pmean` before the update."""
-        from jax.sharding import PartitionSpec as P
-        axis = mesh.axis_names[0]
-
-        def step(params_list, opt_list, states, x, labels):
-            grads, loss, new_states = self._model_grad(params_list, states, x, labels)
-            grads, loss, new_states = jax.lax.pmean((grads, loss, new_states), axis)
-            params_list, opt_list = self._model_update(params_list, opt_list, grads)
-            return params_list, opt_list, new_states, loss
-        self.mesh = mesh
-        # check_vma=False: the CNN's custom-VJP convolution does not carry shard_map's varying-axis types;
-        # the pmean makes every output replicated, which the ddp tests check against sync.
-        self.ddp_step = self._jit("ddp_step", jax.shard_map(step, mesh=mesh, in_specs=(P(), P(), P(), P(axis), P(axis)),
-                                                            out_specs=(P(), P(), P(), P()), check_vma=False))
-
-    def build_partial_grads(self, slices: Sequence[tuple[int, int]]) -> None:
-        """`partial_grad[k](params, states, x, labels) -> (grads of stages a..b-1, loss, new_states)` for
-        each slice `(a, b)`: stages below `a` run forward only, stages above `b` only pass the gradient
-        down (their weight gradients are never formed), the backward stops at stage `a`."""
-        self.slices = tuple(slices)
-        self.partial_grad = [self._jit(f"partial_grad/{a}-{b}", self._make_partial_grad(a, b)) for a, b in slices]
-
-    def _make_partial_grad(self, first: int, end: int):
-        def partial_grad(params_list, states, x, labels):
-            def loss_of(part):
-                return self.model.loss(list(params_list[:first]) + list(part) + list(params_list[end:]),
-                                       states, x, labels)
-            (loss, new_states), grads = jax.value_and_grad(loss_of, has_aux=True)(list(params_list[first:end]))
-            return grads, loss, new_states
-        return partial_grad
+        self.update = [self.jit(f"update/{s.name}", self._update) for s in stages]
+        self.merge_state = [self.jit(f"merge_state/{s.name}", model.merge_state) for s in stages]
+        self.model_merge_state = self.jit("model_merge_state", self._model_merge_state)
+        self.loss_grad = self.jit("loss_grad", jax.value_and_grad(cross_entropy))
+        self.train_step = self.jit("train_step", self._train_step)
+        self.model_grad = self.jit("model_grad", self.grads_of)
+        self.model_update = self.jit("model_update", self.apply_updates)
+        self.evaluate = self.jit("evaluate", self._evaluate)
 
     # -- building blocks (traced once each) -------------------------------------------------------
-    def _jit(self, name: str, fn: Callable) -> Callable:
+    def jit(self, name: str, fn: Callable) -> Callable:
+        """`jax.jit(fn)` whose traces are counted under `name` (`trace_counts`; they must stay at 1)."""
         def counted(*args):
             self.trace_counts[name] += 1  # runs at trace time only
+            self.signatures.setdefault(name, jax.tree_util.tree_map(
+                lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), args))
             return fn(*args)
         counted.__name__ = name.replace("/", "_")
-        return jax.jit(counted)
+        self._fns[name] = fn
+        self.jitted[name] = jax.jit(counted)
+        return self.jitted[name]
+
+    def unit_flops(self, name: str) -> float:
+        """FLOPs of one call of unit `name` as XLA's cost analysis counts them, at the shapes it was
+        compiled for (NaN for a unit never compiled, or one XLA cannot count)."""
+        if name not in self._flops:
+            flops = float("nan")
+            if name in self.signatures:
+                try:  # a fresh, uncounted jit of the same function: the unit's own trace count stays 1
+                    cost = jax.jit(self._fns[name]).lower(*self.signatures[name]).cost_analysis()
+                    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+                    flops = float((cost or {}).get("flops", float("nan")))
+                except Exception:  # noqa: BLE001 - e.g. a shard_map without its mesh: no count
+                    flops = float("nan")
+            self._flops[name] = flops
+        return self._flops[name]
 
     def _stage_vjp(self, index: int, params, state, x):
         """`(y, pullback, new_state)` of stage `index` in training mode."""
@@ -180,11 +164,13 @@ class Units:
     def _update(self, params, opt_state, grads):
         return _apply_update(self.optimizer, params, opt_state, grads)
 
-    def _model_grad(self, params_list, states, x, labels):
+    def grads_of(self, params_list, states, x, labels):
+        """`(grads, loss, new_states)` of the whole model on one batch (pure: for use inside a jit)."""
         (loss, new_states), grads = jax.value_and_grad(self.model.loss, has_aux=True)(params_list, states, x, labels)
         return grads, loss, new_states
 
-    def _model_update(self, params_list, opt_list, grads_list):
+    def apply_updates(self, params_list, opt_list, grads_list):
+        """Every stage's optimiser step (pure: for use inside a jit)."""
         pairs = [_apply_update(self.optimizer, p, o, g) for p, o, g in zip(params_list, opt_list, grads_list)]
         return [p for p, _ in pairs], [o for _, o in pairs]
 
@@ -192,8 +178,8 @@ class Units:
         return [self.model.merge_state(c, r, n) for c, r, n in zip(current, read, new)]
 
     def _train_step(self, params_list, opt_list, states, x, labels):
-        grads, loss, states = self._model_grad(params_list, states, x, labels)
-        params_list, opt_list = self._model_update(params_list, opt_list, grads)
+        grads, loss, states = self.grads_of(params_list, states, x, labels)
+        params_list, opt_list = self.apply_updates(params_list, opt_list, grads)
         return params_list, opt_list, states, loss
 
     def _evaluate(self, params_list, states, x, labels, mask):
@@ -206,49 +192,47 @@ class Units:
     def init_opt_states(self, params: Sequence[Params]) -> list:
         return [self.optimizer.init(p) for p in params]
 
+    @contextlib.contextmanager
+    def compiling(self):
+        """Counts the time spent inside (compiling and first runs) in `compile_time_s`."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.compile_time_s += time.perf_counter() - start
+
     def warmup(self, params: Sequence[Params], opt_states: Sequence[Any], states: Sequence[Any], batch_size: int,
-               eval_batch_size: int, groups: Optional[Collection[str]] = None,
-               devices: Optional[Sequence[Any]] = None) -> float:
-        """Compiles units by calling them once on zeros of the real shapes; returns seconds spent.
+               eval_batch_size: Optional[int] = None, groups: Optional[Collection[str]] = None,
+               devices: Optional[Sequence[Any]] = None) -> None:
+        """Compiles units by calling them once on zeros of the real shapes.
 
         Must run before any worker thread starts (compilation can hold the GIL, DESIGN.md).
 
         Args:
-          groups: which units a trainer will call (default: all of `UNIT_GROUPS` that are built):
+          eval_batch_size: also compile `evaluate` (on the default device) for this batch size.
+          groups: which units a trainer will call (default: all of `UNIT_GROUPS`):
             "stages" (forward, merge_state, loss_grad, backward_update), "stages_split" (forward,
             merge_state, loss_grad, backward, model_update), "update" (update of every stage),
-            "train_step", "model_grad" (model_grad, model_update, model_merge_state), "averaging"
-            (average, shift), "partial_grad" (every slice's), "ddp_step" (on the mesh).
-            `evaluate` is always compiled (on the default device).
+            "train_step", "model_grad" (model_grad, model_update, model_merge_state).
           devices: compile the groups on each of these devices (default: the default device only).
         """
-        if groups is None:
-            groups = [g for g in UNIT_GROUPS if g != "ddp_step" or self.ddp_step is not None]
-        groups = set(groups)
+        groups = set(UNIT_GROUPS if groups is None else groups)
         unknown = groups - set(UNIT_GROUPS)
         if unknown:
             raise ValueError(f"unknown unit groups {sorted(unknown)}; known: {UNIT_GROUPS}")
-        if "ddp_step" in groups and self.ddp_step is None:
-            raise ValueError("ddp_step: call build_ddp_step(mesh) before warmup")
-        start = time.perf_counter()
-        trees = (list(params), list(opt_states), list(states))
-        outputs = []
-        for device in (devices or [None]):
-            placed = trees if device is None else jax.device_put(trees, device)
-            outputs.extend(self._warm_groups(*placed, batch_size, groups - {"ddp_step"}, device))
-        if "ddp_step" in groups:
-            from jax.sharding import NamedSharding, PartitionSpec as P
-            batch = NamedSharding(self.mesh, P(self.mesh.axis_names[0]))
-            x0 = jax.device_put(self.model.dummy_input(batch_size), batch)
-            labels = jax.device_put(jnp.zeros((batch_size,), jnp.int32), batch)
-            outputs.append(self.ddp_step(*trees, x0, labels))
-        xe = self.model.dummy_input(eval_batch_size)
-        ye = jnp.zeros((eval_batch_size,), jnp.int32)
-        outputs.append(self.evaluate(*on_home(trees[::2]), xe, ye, jnp.ones((eval_batch_size,), jnp.float32)))
-        jax.block_until_ready(outputs)  # blocks: compilation and the first runs finish here
-        elapsed = time.perf_counter() - start
-        self.compile_time_s += elapsed
-        return elapsed
+        devices = list(dict.fromkeys(devices)) if devices else None  # simulated devices may share one
+        with self.compiling():
+            trees = (list(params), list(opt_states), list(states))
+            outputs = []
+            for device in (devices or [None]) if groups else []:
+                placed = trees if device is None else jax.device_put(trees, device)
+                outputs.extend(self._warm_groups(*placed, batch_size, groups, device))
+            if eval_batch_size is not None:
+                xe = self.model.dummy_input(eval_batch_size)
+                ye = jnp.zeros((eval_batch_size,), jnp.int32)
+                outputs.append(self.evaluate(*on_home(trees[::2]), xe, ye,
+                                             jnp.ones((eval_batch_size,), jnp.float32)))
+            jax.block_until_ready(outputs)  # blocks: compilation and the first runs finish here
 
     def _warm_groups(self, params: list, opt_states: list, states: list, batch_size: int, groups: set,
                      device: Any) -> list:
@@ -287,14 +271,6 @@ class Units:
             grads, _, new_states = self.model_grad(params, states, x0, labels)
             outputs.append(self.model_update(params, opt_states, grads))
             outputs.append(self.model_merge_state(states, states, new_states))
-        if "averaging" in groups:
-            outputs.append(self.average([(params, states)] * self.average_copies))
-            outputs.append(self.shift((params, states), (params, states), (params, states)))
-        if "partial_grad" in groups:
-            for (first, end), partial in zip(self.slices, self.partial_grad):
-                grads, _, _ = partial(params, states, x0, labels)
-                outputs.extend(self.update[index](params[index], opt_states[index], g)
-                               for index, g in zip(range(first, end), grads))
         return outputs
 
     def step_flops(self, params: Sequence[Params], opt_states: Sequence[Any], states: Sequence[Any],
@@ -321,16 +297,6 @@ def on_home(tree: Any) -> Any:
     if all(leaf.devices() == {home} for leaf in leaves):
         return tree
     return jax.device_put(tree, home)
-
-
-def _tree_mean(trees: Sequence[Any]) -> Any:
-    """The element-wise mean of equally shaped pytrees (LAP-SGD's model average)."""
-    return jax.tree_util.tree_map(lambda *leaves: sum(leaves) / len(leaves), *trees)
-
-
-def _tree_shift(live: Any, average: Any, snapshot: Any) -> Any:
-    """`live + (average - snapshot)`: moves a live copy by what averaging its snapshot changed."""
-    return jax.tree_util.tree_map(lambda x, a, s: x + (a - s), live, average, snapshot)
 
 
 def has_state(state) -> bool:

@@ -15,27 +15,27 @@ The coordinating (main) thread calls `Crew.run()`, which
     interpreter exit, which aborts the process); a second SIGINT goes to the previous handler;
   * calls `tick()` periodically (progress bars, queue-depth sampling).
 No thread outlives `run()`: it only returns after every worker has been joined.
+
+Every reading of time and every wait goes through the crew's `Clock` (`asyncsgd.clock`): the
+watchdog, channel and window waits, the periodic tick. The coordinator and every worker are the
+clock's parties (`enter`, `enroll`, `attach`, `leave`), so a simulated clock can run them one at a
+time; on the wall clock those calls do nothing. Joining threads at the end is real time.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
-import queue
 import signal
 import threading
 import time
 from typing import Any, Callable, Optional, Sequence
 
+from asyncsgd.clock import WALL, Clock
+from asyncsgd.errors import StallError, WorkerError
+
 _POLL_S = 0.05
 _END = object()  # end-of-stream marker inside a channel
-
-
-class WorkerError(RuntimeError):
-    """A worker thread raised; the message names the worker and what it was doing."""
-
-
-class StallError(RuntimeError):
-    """The watchdog saw no progress for too long; the message names the stuck workers."""
 
 
 class Stopped(Exception):
@@ -59,16 +59,39 @@ class Channel:
         if maxsize < 1:
             raise ValueError(f"channel {name!r}: maxsize must be >= 1, got {maxsize}")
         self.name = name
-        self._queue: queue.Queue = queue.Queue(maxsize)
+        self.maxsize = maxsize
+        self._items: collections.deque = collections.deque()
+        self._changed = threading.Condition()
         self._open_producers = producers
-        self._close_lock = threading.Lock()  # guards the producer count only
 
     def qsize(self) -> int:
-        return self._queue.qsize()
+        return len(self._items)
 
-    def _producer_done(self) -> bool:
+    def take(self, clock: Clock, check: Callable[[], None]) -> Any:
+        """The next item, waiting (on `clock`) while the channel is empty; `check()` between waits
+        raises to give up (a stopping crew). The end-of-stream marker stays for the other consumers."""
+        with self._changed:
+            while not self._items:
+                check()
+                clock.wait(self._changed, _POLL_S)
+            item = self._items[0]
+            if item is not _END:
+                self._items.popleft()
+                clock.notify(self._changed)
+            return item
+
+    def offer(self, item: Any, clock: Clock, check: Callable[[], None], force: bool = False) -> None:
+        """Appends `item`, waiting while the channel is full (unless `force`: the end marker)."""
+        with self._changed:
+            while not force and len(self._items) >= self.maxsize:
+                check()
+                clock.wait(self._changed, _POLL_S)
+            self._items.append(item)
+            clock.notify(self._changed)
+
+    def producer_done(self) -> bool:
         """Counts one producer out; True for the last one."""
-        with self._close_lock:
+        with self._changed:
             self._open_producers -= 1
             return self._open_producers == 0
 
@@ -81,7 +104,8 @@ class Worker:
         self.name = name
         self.doing = "starting"
         self.waiting_on: Optional[str] = None
-        self.last_beat = time.monotonic()
+        self.last_beat = crew.clock.now()
+        self.token: Any = None  # its place with the clock (set when the crew runs)
 
     @property
     def stopping(self) -> bool:
@@ -89,7 +113,7 @@ class Worker:
 
     def beat(self, doing: Optional[str] = None) -> None:
         """Reports progress (and optionally what the worker is about to do)."""
-        self.last_beat = time.monotonic()
+        self.last_beat = self.crew.clock.now()
         self.crew.last_progress = self.last_beat
         if doing is not None:
             self.doing = doing
@@ -102,47 +126,38 @@ class Worker:
         """Takes the next item; raises `EndOfStream` at the end, `Stopped` if the crew stops."""
         self.waiting_on = f"channel {channel.name} (get)"
         try:
-            while True:
-                self.check()
-                try:
-                    item = channel._queue.get(timeout=_POLL_S)
-                except queue.Empty:
-                    continue
-                if item is _END:
-                    # Re-post the marker for the other consumers; there is room, we just took it.
-                    channel._queue.put_nowait(_END)
-                    raise EndOfStream()
-                return item
+            item = channel.take(self.crew.clock, self.check)
         finally:
             self.waiting_on = None
+        if item is _END:
+            raise EndOfStream()
+        return item
 
     def put(self, channel: Channel, item: Any) -> None:
         """Adds an item, blocking while the channel is full; raises `Stopped` if the crew stops."""
         self.waiting_on = f"channel {channel.name} (put)"
         try:
-            while True:
-                self.check()
-                try:
-                    channel._queue.put(item, timeout=_POLL_S)
-                    return
-                except queue.Full:
-                    continue
+            channel.offer(item, self.crew.clock, self.check)
         finally:
             self.waiting_on = None
 
     def close(self, channel: Channel) -> None:
         """Says this producer is done with `channel`; the last producer ends the stream."""
-        if channel._producer_done():
-            self.put(channel, _END)
+        if channel.producer_done():
+            channel.offer(_END, self.crew.clock, self.check, force=True)
 
     def wait(self, event: threading.Event, what: str) -> None:
         """Waits for `event`; raises `Stopped` if the crew stops first."""
         self.waiting_on = what
         try:
-            while not event.wait(_POLL_S):
+            while not self.crew.clock.wait(event, _POLL_S):
                 self.check()
         finally:
             self.waiting_on = None
+
+    def sleep(self, seconds: float) -> None:
+        """Passes `seconds` on the crew's clock; ends early when the crew stops."""
+        self.crew.clock.sleep(seconds, self.crew.stop_event)
 
 
 class Crew:
@@ -151,16 +166,21 @@ class Crew:
     Args:
       name: used in thread names and messages.
       watchdog_s: raise `StallError` after this many seconds without any worker's `beat()`.
-      join_timeout_s: how long a stop waits for the threads to finish.
+      join_timeout_s: how long a stop waits for the threads to finish (real time).
+      clock: the run's clock (default: wall time).
     """
 
-    def __init__(self, name: str, watchdog_s: float = 120.0, join_timeout_s: float = 10.0):
+    def __init__(self, name: str, watchdog_s: float = 120.0, join_timeout_s: float = 10.0,
+                 clock: Clock = WALL):
         self.name = name
+        self.clock = clock
         self.watchdog_s = watchdog_s
         self.join_timeout_s = join_timeout_s
         self.stop_event = threading.Event()
-        self.last_progress = time.monotonic()
+        self.last_progress = clock.now()
         self._threads: list[threading.Thread] = []
+        self._tracked: list[Channel] = []
+        self._finished = 0  # workers whose body has returned or raised (counted before they leave the clock)
         self._workers: list[Worker] = []
         self._error: Optional[tuple[Worker, BaseException]] = None
         self._error_lock = threading.Lock()
@@ -182,6 +202,7 @@ class Crew:
 
         def main() -> None:
             try:
+                self.clock.attach(worker.token)  # waits for its first turn (a simulated clock)
                 try:
                     body(worker, *args)
                 except EndOfStream:
@@ -196,11 +217,24 @@ class Crew:
                     if self._error is None:
                         self._error = (worker, exc)
                 self.stop_event.set()
+            finally:
+                with self._error_lock:
+                    self._finished += 1
+                self.clock.leave()
 
         thread = threading.Thread(target=main, name=f"{self.name}/{name}", daemon=True)
         self._threads.append(thread)
         self._workers.append(worker)
         return worker
+
+    def track(self, channel: Channel) -> Channel:
+        """Counts `channel` in `queue_depth()` (the hand-off queues a run reports); returns it."""
+        self._tracked.append(channel)
+        return channel
+
+    def queue_depth(self) -> Optional[int]:
+        """Items waiting in the tracked channels now (None when the crew tracks none)."""
+        return sum(channel.qsize() for channel in self._tracked) if self._tracked else None
 
     def alive(self) -> list[str]:
         return [t.name for t in self._threads if t.is_alive()]
@@ -212,6 +246,7 @@ class Crew:
         `join_timeout_s` are left as they are instead of raising about them.
         """
         self.stop_event.set()
+        self.clock.release()  # a simulated clock stops taking turns: every thread runs to its end
         timeout_s = self.join_timeout_s
         deadline = time.monotonic() + timeout_s
         interrupted = False
@@ -254,10 +289,10 @@ class Crew:
                           f"{type(exc).__name__}: {exc}") from exc
 
     def _check_stall(self) -> None:
-        idle_s = time.monotonic() - self.last_progress
+        now = self.clock.now()
+        idle_s = now - self.last_progress
         if idle_s < self.watchdog_s:
             return
-        now = time.monotonic()
         stuck = [f"{w.name} stuck while {w.doing} for {now - w.last_beat:.1f}s" for w, t in
                  zip(self._workers, self._threads) if t.is_alive() and w.waiting_on is None]
         waiting = [f"{w.name} waiting on {w.waiting_on}" for w, t in zip(self._workers, self._threads)
@@ -265,27 +300,42 @@ class Crew:
         raise StallError(f"{self.name}: no progress for {idle_s:.1f}s; "
                          + "; ".join(stuck + waiting or ["no live workers"]))
 
-    def run(self, tick: Optional[Callable[[], None]] = None, tick_every_s: float = 0.25) -> None:
-        """Starts every worker and coordinates until all have finished (see the module docstring)."""
-        self.last_progress = time.monotonic()
+    def run(self, tick: Optional[Callable[[], None]] = None, tick_every_s: Optional[float] = None,
+            wake: Optional[threading.Event] = None) -> None:
+        """Starts every worker and coordinates until all have finished (see the module docstring).
+
+        Args:
+          tick: called periodically and once at the end (progress, periodic evaluation, checkpoints).
+          tick_every_s: how often (default: the clock's `tick_every_s`).
+          wake: an event that others `clock.notify` when the coordinator should look (a finished batch).
+        """
+        clock = self.clock
+        tick_every_s = clock.tick_every_s if tick_every_s is None else tick_every_s
+        pause = wake if wake is not None else threading.Event()  # never set: the pause between polls
+        self.last_progress = clock.now()
         for worker in self._workers:
             worker.last_beat = self.last_progress
         next_tick = 0.0
         with self._deferred_interrupts():
+            clock.enter(f"{self.name}/coordinator")
             try:
+                for worker in self._workers:
+                    worker.token = clock.enroll(f"{self.name}/{worker.name}")
                 for thread in self._threads:
                     thread.start()
-                while self._error is None and not self._interrupted:
-                    if not any(t.is_alive() for t in self._threads):
-                        break
+                while self._error is None and not self._interrupted and self._finished < len(self._threads):
                     self._check_stall()
-                    if tick is not None and time.monotonic() >= next_tick:
+                    if tick is not None and clock.now() >= next_tick:
                         tick()
-                        next_tick = time.monotonic() + tick_every_s
-                    time.sleep(_POLL_S)
+                        next_tick = clock.now() + tick_every_s
+                    clock.wait(pause, _POLL_S)
             except BaseException:
-                self._join(raise_if_alive=False)  # the error on its way out is the news
+                try:
+                    self._join(raise_if_alive=False)  # the error on its way out is the news
+                finally:
+                    clock.leave()
                 raise
+            clock.leave()
             self._join()
         if self._error is not None:
             self._raise_worker_error()
@@ -304,10 +354,11 @@ class Window:
     could then commit arbitrarily late.)
     """
 
-    def __init__(self, size: int, first_seq: int = 0):
+    def __init__(self, size: int, first_seq: int = 0, clock: Clock = WALL):
         if size < 1:
             raise ValueError(f"window size must be >= 1, got {size}")
         self.size = size
+        self.clock = clock
         self._done_through = first_seq - 1  # every item <= this has finished
         self._finished: set[int] = set()    # finished items above the low-water mark
         self._changed = threading.Condition()
@@ -325,7 +376,7 @@ class Window:
             with self._changed:
                 while self._done_through < older:
                     worker.check()
-                    self._changed.wait(_POLL_S)
+                    self.clock.wait(self._changed, _POLL_S)
             self._hold()
         finally:
             worker.waiting_on = None
@@ -342,7 +393,7 @@ class Window:
             while self._done_through + 1 in self._finished:
                 self._done_through += 1
                 self._finished.discard(self._done_through)
-            self._changed.notify_all()
+            self.clock.notify(self._changed)
 
 
 class Tickets:
@@ -358,14 +409,16 @@ class Tickets:
       size: the window size per scope (items).
       first_seq: the first batch seq of the epoch (global scope).
       devices: how many devices take batches.
+      clock: the run's clock (the windows' waits).
     """
 
-    def __init__(self, size: int, first_seq: int, devices: int, scope: str = "global"):
+    def __init__(self, size: int, first_seq: int, devices: int, scope: str = "global", clock: Clock = WALL):
         if scope not in ("global", "device"):
             raise ValueError(f"scope must be 'global' or 'device', got {scope!r}")
         self.scope = scope
         count = 1 if scope == "global" else devices
-        self._windows = [Window(size, first_seq=first_seq if scope == "global" else 0) for _ in range(count)]
+        self._windows = [Window(size, first_seq=first_seq if scope == "global" else 0, clock=clock)
+                         for _ in range(count)]
         self._next = [0] * count
         self._lock = threading.Lock()
 
@@ -382,6 +435,11 @@ class Tickets:
 
     def release(self, ticket: tuple[int, int]) -> None:
         self._windows[ticket[0]].release(ticket[1])
+
+    @property
+    def size(self) -> int:
+        """Items each scope's window holds."""
+        return self._windows[0].size
 
     @property
     def peak_held(self) -> int:

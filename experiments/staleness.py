@@ -58,12 +58,11 @@ def gradient_bias(data_dir, steps: int = 120, keep: int = 48, lr: float = 0.05) 
     import jax.numpy as jnp
 
     from asyncsgd.data import iterate_batches
-    from asyncsgd.metrics import JsonlWriter
-    from asyncsgd.run import build_session, prepare_dataset
+    from asyncsgd.assemble import build_session, prepare_dataset
     config = TrainConfig(trainer="sync", model="mlp", dataset="fashion_mnist", batch_size=128, lr=lr, momentum=0.0,
                          data_dir=data_dir, progress=False)
     dataset = prepare_dataset(config)
-    session, _ = build_session(config, dataset, dict(writer=JsonlWriter(None), progress=False),
+    session, _ = build_session(config, dataset,
                                unit_groups=("train_step", "model_grad"))
     units = session.units
     params, opts, states = session.store.params(), session.store.opt_states(), session.store.states()

@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     request_cpu_devices(args.devices)  # before JAX starts
     from asyncsgd.config import ConfigError
     from asyncsgd.data import load_dataset
-    from asyncsgd.metrics import NonFiniteLoss
+    from asyncsgd.errors import DivergedError
     from asyncsgd.plots import plot_accuracy
     from asyncsgd.run import train
 
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         print(f"[{number}/{len(plan)}] {scenario}: {trainer} seed {seed} (delay {config.delay})", file=sys.stderr)
         try:
             summary = train(config, dataset)
-        except NonFiniteLoss as exc:
+        except DivergedError as exc:
             summary = exc.summary
         except ConfigError as exc:
             print(f"stragglers.py: error: {exc}", file=sys.stderr)

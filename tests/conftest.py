@@ -84,16 +84,20 @@ def interrupt_run(argv, out, signum, train_records: int):
             proc.kill()
 
 
-def run_steps(config, dataset, steps):
+def train_steps(config, dataset, steps):
     """Builds a session for `config` on `dataset` (raw), trains `steps` steps of the first epoch and
-    returns the session (store, recorder, units)."""
-    from asyncsgd.metrics import JsonlWriter
-    from asyncsgd.run import build_session
-    from asyncsgd.trainers import EpochPlan, get_trainer
-    session, _ = build_session(config, dataset.normalized(), dict(writer=JsonlWriter(None), progress=False))
-    get_trainer(config.trainer)(session, EpochPlan(0, 0, steps))
+    returns the session (store, recorder, units) and the epoch's `EpochResult`."""
+    from asyncsgd import trainers
+    from asyncsgd.assemble import build_session
+    session, _ = build_session(config, dataset.normalized())
+    result = trainers.get(config.trainer).run_epoch(session, trainers.EpochPlan(0, 0, steps))
     session.recorder.tick()
-    return session
+    return session, result
+
+
+def run_steps(config, dataset, steps):
+    """`train_steps`' session alone."""
+    return train_steps(config, dataset, steps)[0]
 
 
 def has_fashion_mnist() -> bool:

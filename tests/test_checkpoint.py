@@ -14,9 +14,9 @@ import pytest
 from conftest import interrupt_run, replace
 
 from asyncsgd import checkpoint
-from asyncsgd.metrics import JsonlWriter
-from asyncsgd.run import build_session
-from asyncsgd.trainers import EpochPlan, get_trainer
+from asyncsgd import trainers
+from asyncsgd.assemble import build_session
+from asyncsgd.trainers import EpochPlan
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -31,9 +31,9 @@ def run_args(out, *extra):
 
 
 def session_after(config, data, steps):
-    session, _ = build_session(config, data.normalized(), dict(writer=JsonlWriter(None), progress=False))
+    session, _ = build_session(config, data.normalized())
     if steps:
-        get_trainer(config.trainer)(session, EpochPlan(0, 0, steps))
+        trainers.get(config.trainer).run_epoch(session, EpochPlan(0, 0, steps))
         session.recorder.tick()
     return session
 
@@ -46,9 +46,6 @@ def test_save_then_restore_gives_the_same_stores(tiny_config, tiny_data, tmp_pat
     assert position["steps"] == 12
     path = checkpoint.save(str(tmp_path), trained, position, {"next_step": None})
     fresh = session_after(config, tiny_data, 0)
-    if trainer == "lapsgd":
-        from asyncsgd.trainers.lapsgd import prepare
-        prepare(fresh)
     meta = checkpoint.restore(path, fresh)
     assert meta["steps"] == 12
     for a, b in zip(trained.replicas or [trained.store], fresh.replicas or [fresh.store]):

@@ -11,16 +11,17 @@ import chex
 import jax
 import numpy as np
 import pytest
-from conftest import replace, run_steps
+from conftest import replace, run_steps, train_steps
 
-from asyncsgd.config import ConfigError
+from asyncsgd import trainers
+from asyncsgd.assemble import build_session
+from asyncsgd.errors import ConfigError
+from asyncsgd.evaluation import evaluate
 from asyncsgd.data import steps_per_epoch
 from asyncsgd.delays import DelaySpec, DeviceDelay, parse_delay
-from asyncsgd.metrics import JsonlWriter
-from asyncsgd.run import build_session, evaluate, train
+from asyncsgd.run import train
 from asyncsgd.store import ParamStore
-from asyncsgd.trainers import staleness_bound
-from asyncsgd.trainers.lapsgd import average_copies, averaging_due, lpp_slices, prepare
+from asyncsgd.trainers.lapsgd import average_copies, averaging_due, lpp_slices
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -62,7 +63,7 @@ def test_multi_device_async_loses_no_update_and_respects_the_bound(tiny_config, 
         commits = [u for u in recorder.updates if u.stage == stage]
         assert len(commits) == steps == store.read(stage).version
         assert sorted(u.version_commit for u in commits) == list(range(steps))
-    bound = staleness_bound(trainer, config.max_inflight, config.workers, config.devices)
+    bound = trainers.get(trainer).staleness_bound(config)
     assert max(u.staleness for u in recorder.updates) <= bound
     # Every device did work, and the non-home devices refreshed their copies.
     assert {u.worker.rsplit("@", 1)[1] for u in recorder.updates} == {"0", "1", "2"}
@@ -101,8 +102,7 @@ def test_averaging_schedule():
 
 def test_averaging_moves_each_copy_by_average_minus_snapshot(tiny_config, tiny_data):
     config = replace(tiny_config, trainer="lapsgd", devices=3)
-    session, _ = build_session(config, tiny_data.normalized(), dict(writer=JsonlWriter(None), progress=False))
-    prepare(session)
+    session, _ = build_session(config, tiny_data.normalized())
     # Give the copies different parameters: copy d's first stage moved by d.
     for d, store in enumerate(session.replicas):
         store.commit(0, lambda p, o, d=d: (jax.tree_util.tree_map(lambda x: x + d, p), o))
@@ -122,11 +122,11 @@ def test_averaging_keeps_the_copies_close(tiny_config, tiny_data):
 
     def spread(**averaging):
         config = replace(tiny_config, trainer="lapsgd", devices=2, lr=0.02, **averaging)
-        session = run_steps(config, tiny_data, steps)
+        session, result = train_steps(config, tiny_data, steps)
         a, b = (jax.device_get(store.params()) for store in session.replicas)
         gap = np.sqrt(sum(float(np.sum((x - y) ** 2)) for x, y in zip(jax.tree_util.tree_leaves(a),
                                                                       jax.tree_util.tree_leaves(b))))
-        return gap, session.averaging_rounds
+        return gap, result.averaging_rounds
 
     never, rounds_never = spread(averaging_warmup=0, averaging_period=10 ** 6)
     often, rounds_often = spread(averaging_warmup=10 ** 6, averaging_period=1)
@@ -140,7 +140,7 @@ def test_lppsgd_applies_partial_steps_to_one_slice(tiny_config, tiny_data):
     config = replace(tiny_config, trainer="lppsgd", devices=1, workers=2, max_inflight=0, model="mlp")
     steps = 8
     session = run_steps(config, tiny_data, steps)
-    slices = session.units.slices
+    slices = session.kit.slices
     assert len(slices) == 2
     # Each worker alternates full and partial steps: stages outside a slice get fewer updates.
     counts = session.updates_per_stage()
@@ -205,12 +205,12 @@ def test_a_delay_ends_when_the_run_stops():
 def test_delays_are_applied_where_the_spec_says(tiny_config, tiny_data, trainer):
     # Not a speed assertion: the delays' own accounting says who slept.
     config = replace(tiny_config, trainer=trainer, devices=2, delay="straggler:device=1,factor=3", max_inflight=1)
-    session = run_steps(config, tiny_data, 10)
-    assert session.recorder.steps == 10
-    slept = session.delay_slept_s()
+    session, result = train_steps(config, tiny_data, 10)
+    assert session.recorder.steps == 10 == result.batches
+    slept = result.delay_slept_s
     assert slept[0] == 0.0 and slept[1] > 0.0, slept
-    quiet = run_steps(replace(config, delay="none"), tiny_data, 10)
-    assert quiet.delay_slept_s() == [0.0, 0.0]
+    _, quiet = train_steps(replace(config, delay="none"), tiny_data, 10)
+    assert quiet.delay_slept_s == (0.0, 0.0)
 
 
 # -- time to target ---------------------------------------------------------------------------------
@@ -278,12 +278,12 @@ def test_device_windows_let_the_fast_device_run_ahead_of_a_straggler(tiny_config
     config = replace(tiny_config, trainer=trainer, devices=2, window="device", max_inflight=1, workers=1,
                      delay="straggler:device=1,factor=30", lr=0.02, batch_size=8)
     steps = steps_per_epoch(len(tiny_data.train_y), 8)
-    session = run_steps(config, tiny_data, steps)
+    session, result = train_steps(config, tiny_data, steps)
     store, recorder = session.store, session.recorder
     assert recorder.steps == steps and store.versions() == [steps] * len(store)  # nothing lost
     by_device = [sum(1 for u in recorder.updates if u.stage == 0 and u.worker.endswith(f"@{d}")) for d in (0, 1)]
     # The straggler's items take ~30x longer; with per-device windows nobody waits for them.
     assert by_device[0] > 4 * by_device[1], by_device
     per_device = config.max_inflight + 1 if trainer == "pdasgd" else max(config.workers, config.max_inflight + 1)
-    assert session.window.scope == "device" and session.window.peak_held <= per_device
-    assert staleness_bound(trainer, config.max_inflight, config.workers, 2, "device") is None
+    assert result.window_size == per_device and result.peak_inflight <= per_device  # one window per device
+    assert trainers.get(trainer).staleness_bound(config) is None

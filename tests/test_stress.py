@@ -6,9 +6,10 @@ import pytest
 from conftest import replace
 
 from asyncsgd.data import steps_per_epoch
-from asyncsgd.metrics import JsonlWriter, peak_rss_mb
-from asyncsgd.run import build_session
-from asyncsgd.trainers import EpochPlan, get_trainer, staleness_bound
+from asyncsgd import trainers
+from asyncsgd.assemble import build_session
+from asyncsgd.metrics import peak_rss_mb
+from asyncsgd.trainers import EpochPlan
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -17,15 +18,15 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 def test_three_forward_eight_backward_threads_two_devices_random_delays(tiny_config, tiny_data, trainer):
     config = replace(tiny_config, trainer=trainer, model="mlp", devices=2, forward_threads=3, backward_threads=8,
                      workers=6, max_inflight=3, batch_size=8, lr=0.005, delay="exp:mean=0.0005", watchdog_s=30.0)
-    session, _ = build_session(config, tiny_data.normalized(), dict(writer=JsonlWriter(None), progress=False))
+    session, _ = build_session(config, tiny_data.normalized())
     per_epoch = steps_per_epoch(len(tiny_data.train_y), config.batch_size)
     epochs = 40  # 2560 steps
     rss_after_warmup = None
     for epoch in range(epochs):
-        get_trainer(trainer)(session, EpochPlan(epoch, epoch * per_epoch, per_epoch))
+        result = trainers.get(trainer).run_epoch(session, EpochPlan(epoch, epoch * per_epoch, per_epoch))
         session.recorder.tick()
-        window = session.window
-        assert window.peak_held <= window._windows[0].size  # in-flight items (and their residuals) bounded
+        assert result.batches == per_epoch
+        assert result.peak_inflight <= result.window_size  # in-flight items (and their residuals) bounded
         if epoch == 5:
             rss_after_warmup = peak_rss_mb()
     recorder, store = session.recorder, session.store
@@ -35,7 +36,7 @@ def test_three_forward_eight_backward_threads_two_devices_random_delays(tiny_con
         commits = [u for u in recorder.updates if u.stage == stage]
         assert len(commits) == steps == store.read(stage).version  # no update lost
         assert sorted(u.version_commit for u in commits) == list(range(steps))
-    bound = staleness_bound(trainer, config.max_inflight, config.workers, config.devices)
+    bound = trainers.get(trainer).staleness_bound(config)
     assert max(u.staleness for u in recorder.updates) <= bound
     assert session.units.max_trace_count() == 1
     # Memory flat: after the first epochs the peak RSS grows by little more than the update log.

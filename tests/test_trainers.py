@@ -9,10 +9,11 @@ import pytest
 from conftest import replace, run_steps
 
 from asyncsgd.data import steps_per_epoch
-from asyncsgd.metrics import JsonlWriter
-from asyncsgd.run import build_session, evaluate
-from asyncsgd.trainers import EpochPlan, get_trainer, staleness_bound
-from asyncsgd.workers import WorkerError
+from asyncsgd import trainers
+from asyncsgd.assemble import build_session
+from asyncsgd.errors import WorkerError
+from asyncsgd.evaluation import evaluate
+from asyncsgd.trainers import EpochPlan
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -28,7 +29,7 @@ def test_layerwise_matches_sync_after_20_steps(tiny_config, tiny_data, model, op
     chex.assert_trees_all_close(layerwise.store.params(), sync.store.params(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(layerwise.recorder.losses, sync.recorder.losses, rtol=1e-4)
     # The models moved: equality is not the trivial one of two untouched initialisations.
-    init = build_session(config, tiny_data.normalized(), dict(writer=JsonlWriter(None), progress=False))[0]
+    init = build_session(config, tiny_data.normalized())[0]
     assert not np.allclose(jax.tree_util.tree_leaves(init.store.params())[0],
                            jax.tree_util.tree_leaves(sync.store.params())[0])
 
@@ -61,7 +62,7 @@ def test_no_lost_updates_and_staleness_within_the_window_bound(tiny_config, tiny
         assert len(commits) == steps == store.read(stage).version
         # every version of the stage was committed to exactly once
         assert sorted(u.version_commit for u in commits) == list(range(steps))
-    bound = staleness_bound(trainer, config.max_inflight, config.workers)
+    bound = trainers.get(trainer).staleness_bound(config)
     worst = max(u.staleness for u in recorder.updates)
     assert 0 <= min(u.staleness for u in recorder.updates)
     assert worst <= bound, (worst, bound)
@@ -83,7 +84,7 @@ def test_every_trainer_learns_on_synthetic_data(tiny_config, tiny_data, trainer)
 
 def test_injected_stage_failure_names_stage_and_worker_and_leaves_no_threads(tiny_config, tiny_data):
     config = replace(tiny_config, trainer="pdasgd", model="cnn", backward_threads=3)
-    session, _ = build_session(config, tiny_data.normalized(), dict(writer=JsonlWriter(None), progress=False))
+    session, _ = build_session(config, tiny_data.normalized())
     original = session.units.backward_update[2]
     calls = []
 
@@ -96,7 +97,7 @@ def test_injected_stage_failure_names_stage_and_worker_and_leaves_no_threads(tin
     session.units.backward_update[2] = failing
     before = set(threading.enumerate())
     with pytest.raises(WorkerError, match=r"backward-\d failed while backward stage block2 .*injected failure"):
-        get_trainer("pdasgd")(session, EpochPlan(0, 0, 30))
+        trainers.get("pdasgd").run_epoch(session, EpochPlan(0, 0, 30))
     assert [t for t in threading.enumerate() if t not in before] == []
 
 
@@ -148,8 +149,7 @@ def test_concurrent_trainers_lose_no_batch_norm_statistics_step(tiny_config, tin
     snapshot = session.store.snapshot()
     assert [s.version for s in snapshot] == [4] * len(snapshot)
     assert [s.state_version for s in snapshot[:-1]] == [4] * (len(snapshot) - 1)
-    init_states = build_session(config, tiny_images_rgb.normalized(), dict(writer=JsonlWriter(None),
-                                                                            progress=False))[0].store.states()
+    init_states = build_session(config, tiny_images_rgb.normalized())[0].store.states()
     leaves = jax.tree_util.tree_leaves([s.state for s in snapshot])
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in leaves)
     assert not np.allclose(jax.tree_util.tree_leaves(init_states)[0], leaves[0])

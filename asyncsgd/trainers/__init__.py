@@ -1,68 +1,72 @@
-"""Trainers: schedules of workers over the shared units and store (the only place threads start)."""
+"""Trainers: schedules of workers over the shared units and store (the only place threads start).
+
+This module is the registry: one `TrainerSpec` per trainer, collected from the trainer modules. The
+rest of the program (configuration, CLI, run loop, checkpoints, summary) asks the registry and names
+no trainer. Adding a trainer: write `asyncsgd/trainers/<name>.py` with its epoch function and a
+`SPEC = TrainerSpec(...)`, then add it to `_BUILT_IN` below (see README, "Adding a trainer");
+`register(spec)` adds one at run time (a research prototype, a test).
+"""
 
 from __future__ import annotations
 
-from typing import Optional
-
+from asyncsgd.errors import ConfigError
 from asyncsgd.trainers import ddp, hogwild, lapsgd, layerwise, pdasgd, sync
-from asyncsgd.trainers.session import EpochPlan, Session, TrainerFn
+from asyncsgd.trainers.base import EpochPlan, EpochResult, Prepared, TrainerSpec, fixed_units
+from asyncsgd.trainers.session import Epoch, Session
 
-TRAINERS: dict[str, TrainerFn] = {
-    "sync": sync.run_epoch,
-    "layerwise": layerwise.run_epoch,
-    "pdasgd": pdasgd.run_pdasgd,
-    "dasgd": pdasgd.run_dasgd,
-    "hogwild": hogwild.run_epoch,
-    "ddp": ddp.run_epoch,
-    "lapsgd": lapsgd.run_lapsgd,
-    "lppsgd": lapsgd.run_lppsgd,
-}
+_BUILT_IN = (sync.SPEC, layerwise.SPEC, pdasgd.SPEC, pdasgd.DASGD_SPEC, hogwild.SPEC, ddp.SPEC, lapsgd.SPEC,
+             lapsgd.LPPSGD_SPEC)
 
-# The compiled units each trainer calls (see `Units.warmup`): only these are compiled for a run.
-UNITS_NEEDED: dict[str, tuple[str, ...]] = {
-    "sync": ("train_step",),
-    "layerwise": ("stages",),
-    "pdasgd": ("stages",),
-    "dasgd": ("stages_split",),
-    "hogwild": ("model_grad",),
-    "ddp": ("ddp_step",),
-    "lapsgd": ("model_grad", "update", "averaging"),
-    "lppsgd": ("model_grad", "update", "averaging", "partial_grad"),
-}
+TRAINERS: dict[str, TrainerSpec] = {spec.name: spec for spec in _BUILT_IN}
 
 
-def units_needed(trainer: str, devices: int = 1) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """The unit groups to compile `(on every device, on the home device only)` for a run."""
-    every = UNITS_NEEDED[trainer]
-    if devices > 1 and trainer in ("pdasgd", "dasgd"):
-        # Other devices run forward and backward units; their gradients are applied at home.
-        return ("stages_split",), (every[0], "update")
-    if trainer == "ddp":
-        return (), every
-    return every, ()
+def register(spec: TrainerSpec, replace: bool = False) -> TrainerSpec:
+    """Adds `spec` to the registry (an existing name only with `replace`); returns it."""
+    if spec.name in TRAINERS and not replace:
+        raise ValueError(f"a trainer named {spec.name!r} is already registered")
+    TRAINERS[spec.name] = spec
+    return spec
 
 
-def get_trainer(name: str) -> TrainerFn:
+def unregister(name: str) -> None:
+    """Removes a trainer added with `register` (built-in ones stay)."""
+    if any(spec.name == name for spec in _BUILT_IN):
+        raise ValueError(f"{name!r} is built in")
+    TRAINERS.pop(name, None)
+
+
+def get(name: str) -> TrainerSpec:
+    """The spec of trainer `name`; `ConfigError` naming the choices if there is none."""
     if name not in TRAINERS:
-        raise ValueError(f"unknown trainer {name!r}; choose one of {', '.join(TRAINERS)}")
+        raise ConfigError(f"--trainer: unknown value {name!r}; choose one of {', '.join(TRAINERS)}")
     return TRAINERS[name]
 
 
-def staleness_bound(trainer: str, max_inflight: int, workers: int, devices: int = 1,
-                    window: str = "global") -> Optional[int]:
-    """The largest staleness a trainer's window allows (0 for the synchronous trainers; for lapsgd and
-    lppsgd, in gradient updates to one device's copy). None: no bound (several devices sharing one
-    store with per-device windows: a slow item's staleness grows with how far the others get)."""
-    scope_devices = devices if window == "global" else 1
-    if trainer in ("lapsgd", "lppsgd"):
-        return 2 * (hogwild.window_size(workers, max_inflight, scope_devices) - 1)
-    if devices > 1 and window == "device" and trainer in ("pdasgd", "dasgd", "hogwild"):
-        return None
-    if trainer in ("pdasgd", "dasgd"):
-        return pdasgd.staleness_bound(max_inflight, devices)
-    if trainer == "hogwild":
-        return 2 * (hogwild.window_size(workers, max_inflight, devices) - 1)
-    return 0
+def names() -> tuple[str, ...]:
+    return tuple(TRAINERS)
 
 
-__all__ = ["EpochPlan", "Session", "TRAINERS", "UNITS_NEEDED", "get_trainer", "staleness_bound", "units_needed"]
+def multi_device_names() -> tuple[str, ...]:
+    return tuple(name for name, spec in TRAINERS.items() if spec.multi_device)
+
+
+def default_comparison() -> list[str]:
+    """The trainers `compare` and `bench` run when none are named."""
+    return [name for name, spec in TRAINERS.items() if spec.compared_by_default]
+
+
+def check(config) -> None:
+    """The trainer-specific checks of `config` (after the generic ones in `asyncsgd.config.validate`)."""
+    spec = get(config.trainer)
+    if config.devices > 1 and not spec.multi_device:
+        raise ConfigError(f"--trainer {config.trainer} runs on one device; --devices {config.devices} needs one "
+                          f"of {', '.join(multi_device_names())}")
+    if config.placement not in spec.placements:
+        able = [name for name, other in TRAINERS.items() if config.placement in other.placements]
+        raise ConfigError(f"--placement {config.placement}: {config.trainer} runs only "
+                          f"{' or '.join(spec.placements)}; {config.placement} runs {', '.join(able)}")
+    spec.check(config)
+
+
+__all__ = ["Epoch", "EpochPlan", "EpochResult", "Prepared", "Session", "TRAINERS", "TrainerSpec", "check",
+           "default_comparison", "fixed_units", "get", "multi_device_names", "names", "register", "unregister"]

@@ -12,10 +12,10 @@ straggler's workers sleep after each gradient step, random delays and stalls aft
 
 from __future__ import annotations
 
-import time
+from typing import Optional
 
-from asyncsgd.metrics import Update
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew, make_tickets
+from asyncsgd.trainers.base import EpochPlan, EpochResult, TrainerSpec, fixed_units
+from asyncsgd.trainers.session import Epoch, Session
 from asyncsgd.units import has_state
 from asyncsgd.workers import Tickets
 
@@ -24,42 +24,60 @@ def window_size(workers: int, max_inflight: int, devices: int = 1) -> int:
     return devices * max(workers, max_inflight + 1)
 
 
-def _hogwild_worker(worker, session: Session, batches, window: Tickets, device: int = 0, index: int = 0) -> None:
-    units, store, recorder = session.units, session.store, session.recorder
-    view, delay = session.views[device], session.worker_delay(worker, device, index)
+def staleness_bound(config) -> Optional[int]:
+    """2 (window - 1); None with per-device windows on several devices (one shared store)."""
+    if config.devices > 1 and config.window == "device":
+        return None
+    return 2 * (window_size(config.workers, config.max_inflight, config.devices) - 1)
+
+
+def _hogwild_worker(worker, session: Session, epoch: Epoch, window: Tickets, device: int = 0, index: int = 0) -> None:
+    units, store, recorder, clock = session.units, session.store, session.recorder, session.clock
+    view, delay = session.views[device], epoch.delay(worker, device, index)
     while True:
-        batch = worker.get(batches)
+        batch = worker.get(epoch.batches)
         ticket = window.acquire(worker, device, batch.seq)
         worker.beat(f"gradient (item {batch.seq})")
         x, y = view.put((batch.x, batch.y))
         slots = [view.read(stage) for stage in range(len(store))]
-        t_read = time.perf_counter()
+        t_read = clock.now()
+        clock.compute(device, "model_grad")
         grads, loss, new_states = units.model_grad([s.params for s in slots], [s.state for s in slots], x, y)
         loss.block_until_ready()  # blocks: the gradient is computed before we commit it
-        delay.after_compute(time.perf_counter() - t_read)
+        delay.after_compute(clock.now() - t_read)
         worker.beat(f"committing the whole model (item {batch.seq})")
         read_states = [view.source(stage, slot).state for stage, slot in enumerate(slots)]
         grads, new_states, loss = view.to_home((grads, new_states, loss))
+        clock.compute(0, "model_update")
 
         def update(params, opts, states):
             merged = units.model_merge_state(states, read_states, new_states) if has_state(states) else states
             return (*units.model_update(params, opts, grads), merged, None)
         commits = store.commit_all(update)
-        now = time.perf_counter()
-        for stage, (slot, commit) in enumerate(zip(slots, commits)):
-            recorder.record_update(Update(stage, slot.version, commit.before.version, worker.name, t_read, now))
+        recorder.committed_all(commits, worker.name, [s.version for s in slots], [t_read] * len(slots))
         window.release(ticket)
         recorder.item_done(batch.seq, loss)
         delay.after_push()
 
 
-def run_epoch(session: Session, plan: EpochPlan) -> None:
+def run_epoch(session: Session, plan: EpochPlan) -> EpochResult:
     config = session.config
     devices = max(1, len(session.devices))
-    crew, batches = epoch_crew(session, plan, consumers=config.workers * devices)
-    window = make_tickets(session, window_size(config.workers, config.max_inflight), plan)
+    epoch = Epoch(session, plan)
+    window = epoch.tickets(window_size(config.workers, config.max_inflight))
     for device in range(devices):
         for index in range(config.workers):
             name = f"hogwild-{index}" + (f"@{device}" if devices > 1 else "")
-            crew.spawn(name, _hogwild_worker, session, batches, window, device, index)
-    crew.run(tick=session.recorder.tick)
+            epoch.crew.spawn(name, _hogwild_worker, session, epoch, window, device, index)
+    return epoch.run()
+
+
+SPEC = TrainerSpec(
+    name="hogwild",
+    description="K threads, each a full forward+backward, committing the whole model to the shared store",
+    run_epoch=run_epoch,
+    multi_device=True,
+    compared_by_default=True,
+    units=fixed_units("model_grad"),
+    staleness_bound=staleness_bound,
+)

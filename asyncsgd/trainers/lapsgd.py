@@ -22,20 +22,37 @@ gradient step; random delays and stalls follow each commit.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
+import jax.numpy as jnp
 
 from asyncsgd.data import steps_per_epoch
-from asyncsgd.metrics import Update
 from asyncsgd.store import ParamStore
+from asyncsgd.trainers.base import EpochPlan, EpochResult, Prepared, TrainerSpec, fixed_units
 from asyncsgd.trainers.hogwild import window_size
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew, make_tickets
-from asyncsgd.units import has_state
+from asyncsgd.trainers.session import Epoch, Session
+from asyncsgd.units import has_state, tree_nbytes
 from asyncsgd.workers import Tickets
 
 _POLL_S = 0.002
+
+
+class LapKit(NamedTuple):
+    """What `prepare` builds: the per-device copies and the compiled averaging and partial-gradient units.
+
+    `average(copies)` is the element-wise mean of `[(params, states), ...]` (one per device, on home);
+    `shift(live, average, snapshot)` is `live + (average - snapshot)`; `partial_grad[k](params, states,
+    x, labels) -> (grads of slice k's stages, loss, new_states)` for each of `slices` (LPP-SGD only).
+    """
+
+    replicas: tuple
+    average: Callable
+    shift: Callable
+    slices: tuple = ()
+    partial_grad: tuple = ()
 
 
 def lpp_slices(stages: int, workers: int) -> list[tuple[int, int]]:
@@ -51,73 +68,125 @@ def averaging_due(global_step: int, warmup: int, period: int) -> bool:
     return global_step <= warmup or global_step % period == 0
 
 
-def prepare(session: Session) -> None:
-    """Creates the per-device copies (once per run, in the main thread before any worker starts)."""
-    if session.replicas:
-        return
-    snapshot = session.store.snapshot()
+def staleness_bound(config) -> Optional[int]:
+    """In gradient updates to one device's copy: each copy has its own (per-device) window."""
+    scope_devices = config.devices if config.window == "global" else 1
+    return 2 * (window_size(config.workers, config.max_inflight, scope_devices) - 1)
+
+
+def _tree_mean(trees: Sequence[Any]) -> Any:
+    """The element-wise mean of equally shaped pytrees (LAP-SGD's model average)."""
+    return jax.tree_util.tree_map(lambda *leaves: sum(leaves) / len(leaves), *trees)
+
+
+def _tree_shift(live: Any, average: Any, snapshot: Any) -> Any:
+    """`live + (average - snapshot)`: moves a live copy by what averaging its snapshot changed."""
+    return jax.tree_util.tree_map(lambda x, a, s: x + (a - s), live, average, snapshot)
+
+
+def _partial_grad(units, first: int, end: int) -> Callable:
+    """The gradient of stages `first..end-1` only: stages below run forward only, stages above only pass
+    the gradient down (their weight gradients are never formed), the backward stops at `first`."""
+    def partial_grad(params_list, states, x, labels):
+        def loss_of(part):
+            return units.model.loss(list(params_list[:first]) + list(part) + list(params_list[end:]),
+                                    states, x, labels)
+        (loss, new_states), grads = jax.value_and_grad(loss_of, has_aux=True)(list(params_list[first:end]))
+        return grads, loss, new_states
+    return partial_grad
+
+
+def _prepare(session: Session, partial: bool) -> Prepared:
+    """The per-device copies, and the averaging (and partial-gradient) units compiled on every device."""
+    units, store, config = session.units, session.store, session.config
+    snapshot = store.snapshot()
     trees = ([s.params for s in snapshot], [s.opt_state for s in snapshot], [s.state for s in snapshot])
-    session.replicas = [session.store] + [ParamStore(session.store.names, *jax.device_put(trees, device))
-                                          for device in session.devices[1:]]
-    session.model_view = lambda: average(session)
+    replicas = (store,) + tuple(ParamStore(store.names, *jax.device_put(trees, device))
+                                for device in session.devices[1:])
+    slices = tuple(lpp_slices(len(store), config.workers)) if partial else ()
+    kit = LapKit(replicas, units.jit("average", _tree_mean), units.jit("shift", _tree_shift), slices,
+                 tuple(units.jit(f"partial_grad/{a}-{b}", _partial_grad(units, a, b)) for a, b in slices))
+    with units.compiling():
+        outputs = []
+        x0 = session.model.dummy_input(config.batch_size)
+        labels = jnp.zeros((config.batch_size,), jnp.int32)
+        for index, (device, replica) in enumerate(zip(session.devices, replicas)):
+            params, opts, states = replica.params(), replica.opt_states(), replica.states()
+            x, y = jax.device_put((x0, labels), device) if index else (x0, labels)
+            outputs.append(kit.shift((params, states), (params, states), (params, states)))
+            for (first, end), partial_grad in zip(slices, kit.partial_grad):
+                grads, _, _ = partial_grad(params, states, x, y)
+                outputs.extend(units.update[stage](params[stage], opts[stage], g)
+                               for stage, g in zip(range(first, end), grads))
+        outputs.append(kit.average([(trees[0], trees[2])] * len(replicas)))
+        jax.block_until_ready(outputs)  # blocks: compiled before any thread starts
+    return Prepared(kit=kit, replicas=replicas, model_view=lambda: average(kit, session.devices))
 
 
-def _home_copy(session: Session, device: int, snapshot: list) -> tuple[list, list]:
+def _home_copy(devices: Sequence[Any], device: int, snapshot: list) -> tuple[list, list]:
     tree = ([s.params for s in snapshot], [s.state for s in snapshot])
-    return tree if device == 0 else jax.device_put(tree, session.devices[0])
+    return tree if device == 0 else jax.device_put(tree, devices[0])
 
 
-def average(session: Session) -> tuple[list, list]:
+def average(kit: LapKit, devices: Sequence[Any]) -> tuple[list, list]:
     """The average of the device copies, `(params, states)` on the home device (no copy is changed)."""
-    copies = [_home_copy(session, d, store.snapshot()) for d, store in enumerate(session.replicas)]
-    return session.units.average(copies)
+    return kit.average([_home_copy(devices, d, store.snapshot()) for d, store in enumerate(kit.replicas)])
 
 
 def average_copies(session: Session) -> None:
     """One averaging round: every live copy moves by (average - its snapshot)."""
-    units = session.units
-    snapshots = [store.snapshot() for store in session.replicas]
-    mean = units.average([_home_copy(session, d, snap) for d, snap in enumerate(snapshots)])
-    for device, (store, snap) in enumerate(zip(session.replicas, snapshots)):
+    kit, clock = session.kit, session.clock
+    snapshots = [store.snapshot() for store in kit.replicas]
+    model_bytes = tree_nbytes([s.params for s in snapshots[0]])
+    for device in range(1, len(snapshots)):  # every copy's snapshot goes home
+        clock.transfer(device, model_bytes)
+    clock.compute(0, "average")
+    mean = kit.average([_home_copy(session.devices, d, snap) for d, snap in enumerate(snapshots)])
+    for device in range(1, len(snapshots)):  # and the average goes back
+        clock.transfer(0, model_bytes)
+    clock.compute_all(range(len(snapshots)), "shift")
+    for device, (store, snap) in enumerate(zip(kit.replicas, snapshots)):
         target = mean if device == 0 else jax.device_put(mean, session.devices[device])
         taken = ([s.params for s in snap], [s.state for s in snap])
 
         def shift(params, opts, states, target=target, taken=taken):
-            new_params, new_states = units.shift((params, states), target, taken)
+            new_params, new_states = kit.shift((params, states), target, taken)
             return new_params, opts, new_states, None
         store.commit_all(shift, count=False)
 
 
-def _local_worker(worker, session: Session, batches, window: Tickets, device: int, index: int,
+def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, device: int, index: int,
                   partial: bool) -> None:
-    units, recorder = session.units, session.recorder
-    store = session.replicas[device]
+    units, recorder, clock, kit = session.units, session.recorder, session.clock, session.kit
+    store = kit.replicas[device]
     here = session.devices[device]
-    delay = session.worker_delay(worker, device, index)
-    slice_index = index % max(1, len(units.slices))
+    delay = epoch.delay(worker, device, index)
+    slice_index = index % max(1, len(kit.slices))
     step = 0
     while True:
-        batch = worker.get(batches)
+        batch = worker.get(epoch.batches)
         ticket = window.acquire(worker, device, batch.seq)
         worker.beat(f"gradient (item {batch.seq})")
         x, y = (batch.x, batch.y) if device == 0 else jax.device_put((batch.x, batch.y), here)
         slots = [store.read(stage) for stage in range(len(store))]
-        t_read = time.perf_counter()
+        t_read = clock.now()
         params, states = [s.params for s in slots], [s.state for s in slots]
         if partial and step % 2 == 1:
-            first, end = units.slices[slice_index]
-            grads, loss, new_states = units.partial_grad[slice_index](params, states, x, y)
+            first, end = kit.slices[slice_index]
+            clock.compute(device, f"partial_grad/{first}-{end}")
+            grads, loss, new_states = kit.partial_grad[slice_index](params, states, x, y)
             stages = range(first, end)
         else:
+            clock.compute(device, "model_grad")
             grads, loss, new_states = units.model_grad(params, states, x, y)
             stages = range(len(store))
         loss.block_until_ready()  # blocks: the gradient is computed before it is applied
-        delay.after_compute(time.perf_counter() - t_read)
+        delay.after_compute(clock.now() - t_read)
         worker.beat(f"committing (item {batch.seq})")
         for stage, grad in zip(stages, grads):
+            clock.compute(device, f"update/{store.names[stage]}")
             commit = store.commit(stage, lambda p, o, stage=stage, g=grad: units.update[stage](p, o, g))
-            recorder.record_update(Update(stage, slots[stage].version, commit.before.version, worker.name,
-                                          t_read, time.perf_counter()))
+            recorder.committed(stage, slots[stage].version, commit.before.version, worker.name, t_read)
         for stage, slot in enumerate(slots):
             if has_state(slot.state):
                 store.commit_state(stage, lambda current, stage=stage, read=slot.state, new=new_states[stage]:
@@ -133,7 +202,7 @@ def _averaging_worker(worker, session: Session, expected: int, done_before: int,
     config, recorder = session.config, session.recorder
     devices = len(session.devices)
     averaged_through = done_before // devices
-    idle = threading.Event()
+    idle = threading.Event()  # never set: the pause between polls
     while True:
         worker.check()
         finished = recorder.finished
@@ -149,33 +218,46 @@ def _averaging_worker(worker, session: Session, expected: int, done_before: int,
         elif finished - done_before >= expected:
             return
         else:
-            idle.wait(_POLL_S)
+            session.clock.wait(idle, _POLL_S)
 
 
-def _run(session: Session, plan: EpochPlan, partial: bool) -> None:
+def _run(session: Session, plan: EpochPlan, partial: bool) -> EpochResult:
     config = session.config
-    prepare(session)
     devices = len(session.devices)
-    crew, batches = epoch_crew(session, plan, consumers=config.workers * devices)
-    window = make_tickets(session, window_size(config.workers, config.max_inflight), plan)
+    epoch = Epoch(session, plan)
+    window = epoch.tickets(window_size(config.workers, config.max_inflight))
     for device in range(devices):
         for index in range(config.workers):
-            crew.spawn(f"{config.trainer}-{index}@{device}", _local_worker, session, batches, window, device,
-                       index, partial)
+            epoch.crew.spawn(f"{config.trainer}-{index}@{device}", _local_worker, session, epoch, window, device,
+                             index, partial)
     expected = plan.max_batches if plan.max_batches is not None else steps_per_epoch(
         len(session.dataset.train_y), config.batch_size)
     rounds = [0]
     if devices > 1:
-        crew.spawn("averaging", _averaging_worker, session, expected, session.recorder.finished, rounds)
-    try:
-        crew.run(tick=session.recorder.tick)
-    finally:
-        session.averaging_rounds += rounds[0]
+        epoch.crew.spawn("averaging", _averaging_worker, session, expected, session.recorder.finished, rounds)
+    return epoch.run(averaging_rounds=lambda: rounds[0])
 
 
-def run_lapsgd(session: Session, plan: EpochPlan) -> None:
-    _run(session, plan, partial=False)
+def run_lapsgd(session: Session, plan: EpochPlan) -> EpochResult:
+    return _run(session, plan, partial=False)
 
 
-def run_lppsgd(session: Session, plan: EpochPlan) -> None:
-    _run(session, plan, partial=True)
+def run_lppsgd(session: Session, plan: EpochPlan) -> EpochResult:
+    return _run(session, plan, partial=True)
+
+
+SPEC = TrainerSpec(
+    name="lapsgd",
+    description="LAP-SGD (Chatterjee et al. 2022): per device, K Hogwild! threads on that device's own model "
+                "copy; a non-blocking averaging thread moves every copy by (average - snapshot)",
+    run_epoch=run_lapsgd,
+    multi_device=True,
+    units=fixed_units("model_grad", "update"),
+    prepare=lambda session: _prepare(session, partial=False),
+    staleness_bound=staleness_bound,
+)
+
+LPPSGD_SPEC = dataclasses.replace(
+    SPEC, name="lppsgd", run_epoch=run_lppsgd, prepare=lambda session: _prepare(session, partial=True),
+    description="LPP-SGD: as lapsgd, but each thread alternates full steps with steps that compute and apply "
+                "only its own contiguous slice of stages")

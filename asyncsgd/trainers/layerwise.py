@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import jax
 
+from asyncsgd.trainers.base import EpochPlan, EpochResult, TrainerSpec, fixed_units
 from asyncsgd.trainers.passes import backward_pass, forward_pass
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
+from asyncsgd.trainers.session import Epoch, Session
 
 
 def _layerwise_worker(worker, session: Session, batches) -> None:
@@ -31,7 +32,16 @@ def _layerwise_worker(worker, session: Session, batches) -> None:
             recorder.item_done(pending[0], pending[1])
 
 
-def run_epoch(session: Session, plan: EpochPlan) -> None:
-    crew, batches = epoch_crew(session, plan, consumers=1)
-    crew.spawn("layerwise", _layerwise_worker, session, batches)
-    crew.run(tick=session.recorder.tick)
+def run_epoch(session: Session, plan: EpochPlan) -> EpochResult:
+    epoch = Epoch(session, plan)
+    epoch.crew.spawn("layerwise", _layerwise_worker, session, epoch.batches)
+    return epoch.run()
+
+
+SPEC = TrainerSpec(
+    name="layerwise",
+    description="the per-stage units run one after another through the store: the same math as sync",
+    run_epoch=run_epoch,
+    compared_by_default=True,
+    units=fixed_units("stages"),
+)

@@ -9,17 +9,19 @@ commits the whole model at the end (D-ASGD, the block-update ablation).
 Both run on one device through that device's `DeviceView`: on the home device straight on the store
 (the backward fuses each stage's update), on another device on its refreshed copies, with each
 gradient sent home and applied there by the stage's `update` unit.
+
+Each unit is charged to the run's clock (`clock.compute(device, unit)`) just before it is called and
+outside every lock: on the wall clock that does nothing; on a simulated clock it is where virtual
+time passes.
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any, NamedTuple, Optional
 
 import jax
 
 from asyncsgd.data.dataset import Batch
-from asyncsgd.metrics import Update
 from asyncsgd.trainers.placement import DeviceView
 from asyncsgd.trainers.session import Session
 from asyncsgd.units import has_state
@@ -49,7 +51,7 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
         as possible (what a forward thread on a device does); off for the sequential trainer.
       view: the device to run on (default: home).
     """
-    units, store = session.units, session.store
+    units, store, clock = session.units, session.store, session.clock
     view = view or session.views[0]
     x, y = view.put((batch.x, batch.y))
     residuals, versions, times = [], [], []
@@ -57,7 +59,8 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
         worker.beat(f"forward stage {name} (item {batch.seq})")
         slot = view.read(index)
         versions.append(slot.version)
-        times.append(time.perf_counter())
+        times.append(clock.now())
+        clock.compute(view.index, f"forward/{name}")
         x, res, new_state = units.forward[index](slot.params, slot.state, x)
         residuals.append(res)
         if has_state(slot.state):
@@ -66,6 +69,7 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
                                units.merge_state[index](current, read, new))
         if sync_each_stage:
             x.block_until_ready()  # blocks: the next stage's read must come after this stage ran
+    clock.compute(view.index, "loss_grad")
     loss, dlogits = units.loss_grad(x, y)
     return WorkItem(batch.seq, loss, dlogits, tuple(residuals), tuple(versions), tuple(times))
 
@@ -83,7 +87,7 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
     Returns:
       The last array dispatched (block on it to wait for the whole pass).
     """
-    units, store, recorder = session.units, session.store, session.recorder
+    units, store, recorder, clock = session.units, session.store, session.recorder, session.clock
     view = view or session.views[0]
     recompute = units.residuals == "recompute"
     names = session.model.stage_names
@@ -94,22 +98,27 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
         worker.beat(f"backward stage {names[index]} (item {item.seq})")
         residuals = item.residuals[index]
         if layerwise and view.is_home:
+            clock.compute(0, f"backward_update/{names[index]}")
+
             def update(params, opt_state, index=index, residuals=residuals, dy=dy):
                 return units.backward_update[index](params, opt_state, residuals, dy)
             commit = store.commit(index, update)
             dy = commit.extra
         elif layerwise:  # another device: gradient here, pushed home, applied to the store there
             params = view.read(index).params if recompute else view.local(index)
+            clock.compute(view.index, f"backward/{names[index]}")
             grads_here, dy = units.backward[index](params, residuals, dy)
             pushed = view.to_home(grads_here)
+            clock.compute(0, f"update/{names[index]}")  # applied on the home device
             commit = store.commit(index, lambda p, o, index=index, g=pushed: units.update[index](p, o, g))
         if layerwise:
-            recorder.record_update(Update(index, item.versions_read[index], commit.before.version,
-                                          worker.name, item.times_read[index], time.perf_counter()))
+            recorder.committed(index, item.versions_read[index], commit.before.version, worker.name,
+                               item.times_read[index])
             last = dy if dy is not None else commit.after.params
         else:
             # Recompute mode differentiates at the current parameters; stash mode ignores them.
             params = view.read(index).params if recompute else view.local(index)
+            clock.compute(view.index, f"backward/{names[index]}")
             grads[index], dy = units.backward[index](params, residuals, dy)
             last = dy if dy is not None else grads[index]
         if sync_each_stage:
@@ -117,11 +126,9 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
     if not layerwise:
         worker.beat(f"committing the whole model (item {item.seq})")
         grads = view.to_home(grads)
+        clock.compute(0, "model_update")
         commits = store.commit_all(lambda params, opts, states: (*units.model_update(params, opts, grads),
                                                                  states, None))
-        now = time.perf_counter()
-        for index, commit in enumerate(commits):
-            recorder.record_update(Update(index, item.versions_read[index], commit.before.version,
-                                          worker.name, item.times_read[index], now))
+        recorder.committed_all(commits, worker.name, item.versions_read, item.times_read)
         last = commits[0].after.params
     return last

@@ -14,7 +14,9 @@ from typing import Any, Optional
 
 import jax
 
+from asyncsgd.clock import WALL, Clock
 from asyncsgd.store import ParamStore, Slot
+from asyncsgd.units import tree_nbytes
 
 
 class DeviceView:
@@ -27,10 +29,12 @@ class DeviceView:
       store: the shared store (on the home device).
       devices: the run's devices; `devices[0]` is home.
       index: which of them this view is for.
+      clock: the run's clock; pulls are charged to the home device's link, pushes to this device's.
     """
 
-    def __init__(self, store: ParamStore, devices: list, index: int):
+    def __init__(self, store: ParamStore, devices: list, index: int, clock: Clock = WALL):
         self.store = store
+        self.clock = clock
         self.index = index
         self.device = devices[index]
         self.home = devices[0]
@@ -48,6 +52,7 @@ class DeviceView:
         copy = self._copies[stage]
         source = self._sources[stage]
         if copy is None or source.version != slot.version or source.state_version != slot.state_version:
+            self.clock.transfer(0, tree_nbytes((slot.params, slot.state)))  # home sends the stage
             params, state = jax.device_put((slot.params, slot.state), self.device)
             copy = slot._replace(params=params, state=state, opt_state=None)
             with self._lock:
@@ -77,7 +82,10 @@ class DeviceView:
 
     def to_home(self, tree: Any) -> Any:
         """Sends arrays computed here to the home device (a no-op on home)."""
-        return tree if self.is_home else jax.device_put(tree, self.home)
+        if self.is_home:
+            return tree
+        self.clock.transfer(self.index, tree_nbytes(tree))
+        return jax.device_put(tree, self.home)
 
     def put(self, tree: Any) -> Any:
         """Places host or home arrays (a batch) on this device (a no-op on home)."""

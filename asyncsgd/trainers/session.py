@@ -1,16 +1,17 @@
-"""What every trainer works on, and the one place an epoch's threads are set up."""
+"""What every trainer works on (`Session`), and the one place an epoch's threads are set up (`Epoch`)."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
-from asyncsgd.config import TrainConfig
+from asyncsgd.clock import WALL, Clock
 from asyncsgd.data.dataset import Dataset, prefetch_worker
 from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
 from asyncsgd.models.staged import StagedModel
 from asyncsgd.store import ParamStore
+from asyncsgd.trainers.base import EpochPlan, EpochResult
 from asyncsgd.trainers.placement import DeviceView
 from asyncsgd.units import Units
 from asyncsgd.workers import Channel, Crew, Tickets
@@ -18,33 +19,41 @@ from asyncsgd.workers import Channel, Crew, Tickets
 PREFETCH_DEPTH = 4  # batches ready on the device ahead of the consumers
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Session:
-    """The compiled units, the store, the data and the recorder of one run.
+    """The compiled units, the store, the data and the recorder of one run (built by
+    `asyncsgd.assemble.build_session`; nothing writes into it afterwards).
 
     `devices` are the run's JAX devices (`devices[0]` is home, where `store` lives); `views[d]` is device
-    d's view of the store. `replicas` (LAP-SGD, LPP-SGD) are the per-device model copies, `replicas[0]`
-    being `store`; `model_view` then returns their average instead of the store's snapshot.
+    d's view of the store. `kit`, `replicas` and `model_view` come from the trainer's `prepare` (see
+    `trainers.base.Prepared`): `replicas` are per-device model copies (`replicas[0]` is `store`), and
+    `model_view` returns the model to evaluate when it is not the store's snapshot.
     """
 
-    config: TrainConfig
+    config: Any  # TrainConfig
     model: StagedModel
     units: Units
     store: ParamStore
     dataset: Dataset
     recorder: Recorder
-    devices: list = dataclasses.field(default_factory=list)
+    devices: tuple = ()
     delay: DelaySpec = DelaySpec()
-    views: list = dataclasses.field(default_factory=list)
-    replicas: list = dataclasses.field(default_factory=list)
+    clock: Clock = WALL
+    views: tuple = ()
+    kit: Any = None
+    replicas: tuple = ()
     model_view: Optional[Callable[[], tuple[list, list]]] = None
-    averaging_rounds: int = 0
-    window: Optional[Tickets] = None  # the run-ahead window of the epoch running (or run) last
-    delays: list = dataclasses.field(default_factory=list)  # every worker's DeviceDelay (their sleeps)
 
     def __post_init__(self) -> None:
         if not self.views and self.devices:
-            self.views = [DeviceView(self.store, self.devices, index) for index in range(len(self.devices))]
+            views = tuple(DeviceView(self.store, list(self.devices), index, self.clock)
+                          for index in range(len(self.devices)))
+            object.__setattr__(self, "views", views)
+
+    @property
+    def stores(self) -> list[ParamStore]:
+        """Every model copy: the store, or the per-device replicas where there are several."""
+        return list(self.replicas) or [self.store]
 
     def view(self) -> tuple[list, list]:
         """The model to evaluate now, `(params, states)` on the home device, taken without pausing
@@ -56,56 +65,68 @@ class Session:
 
     def updates_per_stage(self) -> list[int]:
         """Committed updates per stage (summed over the device copies where there are several)."""
-        stores = self.replicas or [self.store]
-        return [sum(versions) for versions in zip(*(store.versions() for store in stores))]
-
-    def worker_delay(self, worker, device: int, index: int = 0) -> DeviceDelay:
-        """The delays of one worker (its own seeded generator; sleeps end when the crew stops)."""
-        delay = DeviceDelay(self.delay, device, self.config.seed, index, stop=worker.crew.stop_event)
-        self.delays.append(delay)
-        return delay
-
-    def delay_slept_s(self) -> list[float]:
-        """Seconds slept for `--delay`, per device, so far."""
-        slept = [0.0] * max(1, len(self.devices))
-        for delay in list(self.delays):
-            slept[delay.device] += delay.slept_s
-        return slept
+        return [sum(versions) for versions in zip(*(store.versions() for store in self.stores))]
 
 
-@dataclasses.dataclass(frozen=True)
-class EpochPlan:
-    """Which batches one call of a trainer consumes."""
-
-    epoch: int
-    first_seq: int
-    max_batches: Optional[int] = None
-    skip: int = 0  # batches of the epoch already done (a resumed run starts after them)
-
-
-def epoch_crew(session: Session, plan: EpochPlan, consumers: int, placement=None) -> tuple[Crew, Channel]:
-    """A crew with the prefetch worker already spawned, and the channel of batches it feeds.
+class Epoch:
+    """One call of a trainer: a crew with the prefetch worker already spawned, the channel of batches
+    it feeds, and the bookkeeping every trainer returns (`run()` -> `EpochResult`).
 
     Args:
+      consumers: how many workers take batches (for the channel's depth).
       placement: where the prefetch worker puts each batch (a device or a sharding; default: the
         default device, from which each device's workers copy what they take).
     """
-    config = session.config
-    crew = Crew(f"{config.trainer}-epoch{plan.epoch}", watchdog_s=config.watchdog_s)
-    batches = Channel("batches", PREFETCH_DEPTH * max(1, len(session.devices)))
-    crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
-               plan.first_seq, plan.max_batches, batches, config.augment, placement, plan.skip, closes=[batches])
-    return crew, batches
 
+    def __init__(self, session: Session, plan: EpochPlan, placement=None):
+        config = session.config
+        self.session, self.plan = session, plan
+        self.crew = Crew(f"{config.trainer}-epoch{plan.epoch}", watchdog_s=config.watchdog_s, clock=session.clock)
+        self.batches = Channel("batches", PREFETCH_DEPTH * max(1, len(session.devices)))
+        self.window: Optional[Tickets] = None
+        self._delays: list[DeviceDelay] = []
+        self.crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
+                        plan.first_seq, plan.max_batches, self.batches, config.augment, placement, plan.skip,
+                        closes=[self.batches])
 
-def make_tickets(session: Session, per_device: int, plan: EpochPlan) -> Tickets:
-    """The run-ahead window of a trainer whose devices may each have `per_device` items in flight
-    (`config.window`: one window of N x per_device items over the run, or one of per_device each)."""
-    devices = max(1, len(session.devices))
-    scope = session.config.window if devices > 1 else "global"
-    size = per_device * devices if scope == "global" else per_device
-    session.window = Tickets(size, plan.first_seq, devices, scope)
-    return session.window
+    def delay(self, worker, device: int, index: int = 0) -> DeviceDelay:
+        """The delays of one worker (its own seeded generator; sleeps pass on the run's clock and end
+        when the crew stops)."""
+        delay = DeviceDelay(self.session.delay, device, self.session.config.seed, index,
+                            stop=worker.crew.stop_event, clock=self.session.clock)
+        self._delays.append(delay)
+        return delay
 
+    def tickets(self, per_device: int, scope: Optional[str] = None) -> Tickets:
+        """The run-ahead window of a trainer whose devices may each have `per_device` items in flight
+        (`scope`, default `config.window`: one window of N x per_device items over the run, or one of
+        per_device each)."""
+        devices = max(1, len(self.session.devices))
+        scope = (scope or self.session.config.window) if devices > 1 else "global"
+        size = per_device * devices if scope == "global" else per_device
+        self.window = Tickets(size, self.plan.first_seq, devices, scope, clock=self.session.clock)
+        return self.window
 
-TrainerFn = Callable[[Session, EpochPlan], None]
+    def run(self, averaging_rounds: Callable[[], int] = lambda: 0) -> EpochResult:
+        """Runs the crew to its end (ticking the recorder with the crew's queue depth) and says what it did.
+
+        Args:
+          averaging_rounds: read after the crew has finished (LAP-SGD's averaging worker's count).
+        """
+        recorder = self.session.recorder
+        before = recorder.finished
+        try:
+            self.crew.run(tick=lambda: recorder.tick(self.crew.queue_depth()), wake=recorder.progress)
+        except BaseException as exc:  # an interrupted or failed epoch still reports what it did
+            exc.epoch_result = self.result(recorder.finished - before, averaging_rounds())
+            raise
+        return self.result(recorder.finished - before, averaging_rounds())
+
+    def result(self, batches: int, averaging_rounds: int = 0) -> EpochResult:
+        slept = [0.0] * max(1, len(self.session.devices))
+        for delay in self._delays:
+            slept[delay.device] += delay.slept_s
+        window = self.window
+        return EpochResult(batches=batches, averaging_rounds=averaging_rounds, delay_slept_s=tuple(slept),
+                           peak_inflight=window.peak_held if window is not None else None,
+                           window_size=window.size if window is not None else None)

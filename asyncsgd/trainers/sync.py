@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import time
-
-from asyncsgd.metrics import Update
-from asyncsgd.trainers.session import EpochPlan, Session, epoch_crew
+from asyncsgd.trainers.base import EpochPlan, EpochResult, TrainerSpec, fixed_units
+from asyncsgd.trainers.session import Epoch, Session
 
 
 def _sync_worker(worker, session: Session, batches) -> None:
@@ -15,12 +13,10 @@ def _sync_worker(worker, session: Session, batches) -> None:
         while True:
             batch = worker.get(batches)
             worker.beat(f"train step (item {batch.seq})")
+            session.clock.compute(0, "train_step")
             commits = store.commit_all(lambda params, opts, states: units.train_step(params, opts, states,
                                                                                      batch.x, batch.y))
-            now = time.perf_counter()
-            for index, commit in enumerate(commits):
-                recorder.record_update(Update(index, commit.before.version, commit.before.version,
-                                              worker.name, now, now))
+            recorder.committed_all(commits, worker.name)
             # Dispatch step t before waiting for step t-1: the device never idles on the host.
             if pending is not None:
                 pending[1].block_until_ready()  # blocks: keeps the host at most one step ahead
@@ -32,7 +28,17 @@ def _sync_worker(worker, session: Session, batches) -> None:
             recorder.item_done(*pending)
 
 
-def run_epoch(session: Session, plan: EpochPlan) -> None:
-    crew, batches = epoch_crew(session, plan, consumers=1)
-    crew.spawn("sync", _sync_worker, session, batches)
-    crew.run(tick=session.recorder.tick)
+def run_epoch(session: Session, plan: EpochPlan) -> EpochResult:
+    epoch = Epoch(session, plan)
+    epoch.crew.spawn("sync", _sync_worker, session, epoch.batches)
+    return epoch.run()
+
+
+SPEC = TrainerSpec(
+    name="sync",
+    description="one jit of the whole training step: the reference backprop, and the speed to beat",
+    run_epoch=run_epoch,
+    exact_position=True,
+    compared_by_default=True,
+    units=fixed_units("train_step"),
+)

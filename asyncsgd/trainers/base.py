@@ -1,0 +1,115 @@
+"""What a trainer is to the rest of the program: one `TrainerSpec` per trainer module.
+
+A spec says everything run.py, the configuration, the CLI, checkpoints and the summary need to know
+about a trainer, so that none of them names one: its name and one-line description, whether it runs
+on several devices, whether its checkpoint position is exact, its own configuration checks, the
+compiled units it calls, its preparation (built once per run, before any thread), its staleness bound,
+and its epoch function. `asyncsgd/trainers/__init__.py` collects the specs into the registry.
+
+An epoch function `run_epoch(session, plan) -> EpochResult` trains the batches `plan` names and
+returns what it did; it never writes into the session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Optional
+
+UnitGroups = tuple[tuple[str, ...], tuple[str, ...]]
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """Which batches one call of a trainer consumes."""
+
+    epoch: int
+    first_seq: int
+    max_batches: Optional[int] = None
+    skip: int = 0  # batches of the epoch already done (a resumed run starts after them)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochResult:
+    """What one call of a trainer's epoch function did.
+
+    Attributes:
+      batches: batches whose updates were fully applied in this call.
+      peak_inflight: the most batches in flight at once (what bounds the residual memory); None for a
+        trainer without a run-ahead window.
+      window_size: the window's size per scope (items), None without a window.
+      averaging_rounds: model-averaging rounds run (LAP-SGD, LPP-SGD).
+      delay_slept_s: seconds slept for `--delay`, per device.
+    """
+
+    batches: int
+    peak_inflight: Optional[int] = None
+    window_size: Optional[int] = None
+    averaging_rounds: int = 0
+    delay_slept_s: tuple[float, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """What a trainer's `prepare` builds once per run (in the main thread, before any worker starts).
+
+    Attributes:
+      kit: the trainer's own compiled pieces (read by its epoch function as `session.kit`).
+      replicas: per-device model copies (`replicas[0]` is the store); checkpoints save every copy.
+      model_view: `() -> (params, states)` on the home device: the model to evaluate, when it is not
+        the store's snapshot (LAP-SGD: the average of the copies).
+    """
+
+    kit: Any = None
+    replicas: tuple = ()
+    model_view: Optional[Callable[[], tuple[list, list]]] = None
+
+
+def fixed_units(*groups: str) -> Callable[[Any, int], UnitGroups]:
+    """A `units` rule for a trainer that calls the same unit groups on every device."""
+    return lambda config, devices: (tuple(groups), ())
+
+
+def _no_checks(config: Any) -> None:
+    return None
+
+
+def _nothing_to_prepare(session: Any) -> Prepared:
+    return Prepared()
+
+
+def _no_staleness(config: Any) -> Optional[int]:
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSpec:
+    """Everything the program needs to know about one trainer.
+
+    Attributes:
+      name: the `--trainer` value.
+      description: one line, shown by `--help` and the README.
+      run_epoch: `(session, plan) -> EpochResult`.
+      multi_device: runs its workers on every one of `--devices` (the others use one device).
+      exact_position: one commit of every stage per batch, so a checkpoint's position is the store's
+        version and a resumed run continues exactly.
+      compared_by_default: in the default trainer set of `compare` and `bench`.
+      placements: the `--placement` values it runs (where its workers go on several devices).
+      units: `(config, devices) -> (groups compiled on every device, groups on the home device only)`
+        (see `Units.warmup`).
+      check: `(config) -> None`; raises `ConfigError` for settings this trainer cannot run.
+      prepare: `(session) -> Prepared`, once per run before any thread (also before a checkpoint is
+        restored): per-device copies, meshes, the trainer's own compiled units (through `units.jit`).
+      staleness_bound: `(config) -> int | None`, the largest staleness its window allows (None: no bound).
+    """
+
+    name: str
+    description: str
+    run_epoch: Callable[[Any, EpochPlan], EpochResult]
+    multi_device: bool = False
+    exact_position: bool = False
+    compared_by_default: bool = False
+    placements: tuple[str, ...] = ("replicated",)
+    units: Callable[[Any, int], UnitGroups] = fixed_units("stages")
+    check: Callable[[Any], None] = _no_checks
+    prepare: Callable[[Any], Prepared] = _nothing_to_prepare
+    staleness_bound: Callable[[Any], Optional[int]] = _no_staleness
