@@ -46,8 +46,10 @@ def format_comparison(rows: Sequence[dict]) -> str:
     """Markdown: accuracy, throughput, ratio to sync, and per-stage staleness mean/max."""
     reference = next((r["samples_per_s"] for r in rows if r["trainer"] == "sync"), None)
     first = rows[0]
+    simulated = first.get("clock") == "simulated"
     lines = [f"{first['model']} on {first['dataset']}, {first['epochs_completed']} epoch(s), "
-             f"batch {first['config']['batch_size']}, seed {first['seed']}",
+             f"batch {first['config']['batch_size']}, seed {first['seed']}"
+             + (f"; SIMULATED time on profile {first['profile']['name']}" if simulated else ""),
              "",
              "| trainer | test acc | test loss | samples/s | ratio to sync | train s | MFU | peak RSS MB | "
              "staleness mean/max per stage |",
@@ -58,6 +60,8 @@ def format_comparison(rows: Sequence[dict]) -> str:
             ratio += f" (diverged at step {r['diverged']['step']})"
         stale = " ".join(f"{name}:{s['mean']:.1f}/{s['max']}" for name, s in r["staleness"].items())
         lines.append(f"| {r['trainer']} | {100 * r['test_accuracy']:.2f}% | {r['test_loss']:.4f} | "
-                     f"{r['samples_per_s']:.0f} | {ratio} | {r['wall_time_s']:.1f} | {100 * r['mfu']:.1f}% | "
+                     f"{r['samples_per_s']:.0f} | {ratio} | "
+                     + (f"{r['simulated_time_s']:.4g}" if simulated else f"{r['wall_time_s']:.1f}")
+                     + f" | {100 * r['mfu']:.1f}% | "
                      f"{r['peak_rss_mb']:.0f} | {stale} |")
     return "\n".join(lines)

@@ -95,8 +95,11 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         line: dict[str, Any] = {"label": label, "seeds": len(runs), "trainer": runs[0]["trainer"],
                                 "statuses": sorted({r["status"] for r in runs})}
         line.update({k: runs[0][k] for k in runs[0].get("arm_columns", ())})
+        line["clock"] = runs[0].get("clock", "wall")
         for key in ("test_accuracy", "wall_time_s", "samples_per_s", "time_to_target_s"):
-            line[key], line[key + "_spread"] = mean_spread([r.get(key) for r in runs])
+            # training time on the run's clock: simulated seconds for a simulated run
+            source = "simulated_time_s" if key == "wall_time_s" and line["clock"] == "simulated" else key
+            line[key], line[key + "_spread"] = mean_spread([r.get(source) for r in runs])
         # Memory of the run itself: the process's peak when it had its own process, else the largest
         # RSS sampled during the run (a process's peak would carry over from the arms before it).
         line["peak_rss_mb"], line["peak_rss_mb_spread"] = mean_spread(
@@ -120,7 +123,9 @@ def _fmt(value, pattern: str, spread=None) -> str:
 def format_table(lines: Sequence[dict], columns: Sequence[str] = (), with_target: bool = False) -> str:
     """Markdown: the arm's columns, then accuracy (final and per epoch), time, throughput, staleness, memory."""
     epochs = max((len(line["epoch_accuracy"]) for line in lines), default=0)
-    head = ["arm", *columns, "final test acc", *[f"acc e{k + 1}" for k in range(epochs)], "train s", "samples/s"]
+    simulated = any(line.get("clock") == "simulated" for line in lines)
+    head = ["arm", *columns, "final test acc", *[f"acc e{k + 1}" for k in range(epochs)],
+            "SIMULATED train s" if simulated else "train s", "samples/s"]
     if with_target:
         head += ["time to target s", "reached"]
     head += ["staleness mean/max", "peak RSS MB", "status"]

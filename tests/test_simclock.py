@@ -15,12 +15,14 @@ import pytest
 from conftest import replace, train_steps
 
 from asyncsgd import trainers
+from asyncsgd.compare import format_comparison
 from asyncsgd.config import validate
 from asyncsgd.data import steps_per_epoch
 from asyncsgd.errors import ConfigError
 from asyncsgd.plots import plot_accuracy
 from asyncsgd.run import train
 from asyncsgd.sim import DeviceModel, Profile, SimClock, load_profile, profile_from_json
+from asyncsgd.sweep import aggregate, format_table
 from asyncsgd.workers import Channel, Crew
 
 pytestmark = pytest.mark.timeout(300)
@@ -138,6 +140,10 @@ def test_a_simulated_run_is_a_function_of_config_seed_and_profile(tiny_config, t
     assert first["samples_per_s"] == pytest.approx(first["samples"] / first["simulated_time_s"])
     evals = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["time_s"] for r in evals if r["event"] == "eval"][-1] == pytest.approx(first["simulated_time_s"])
+    # The tables say which clock they show.
+    assert "SIMULATED time on profile a100" in format_comparison([first])
+    line = aggregate([dict(first, label="x", out=str(tmp_path / "a"))])[0]
+    assert line["wall_time_s"] == first["simulated_time_s"] and "SIMULATED train s" in format_table([line])
 
 
 @pytest.mark.parametrize("trainer", ["pdasgd", "hogwild"])
