@@ -126,6 +126,7 @@ def format_table(lines: Sequence[dict], columns: Sequence[str] = (), with_target
     simulated = any(line.get("clock") == "simulated" for line in lines)
     head = ["arm", *columns, "final test acc", *[f"acc e{k + 1}" for k in range(epochs)],
             "SIMULATED train s" if simulated else "train s", "samples/s"]
+    seconds = "{:.3g}" if simulated else "{:.1f}"  # simulated accelerators finish in milliseconds
     if with_target:
         head += ["time to target s", "reached"]
     head += ["staleness mean/max", "peak RSS MB", "status"]
@@ -136,10 +137,10 @@ def format_table(lines: Sequence[dict], columns: Sequence[str] = (), with_target
                       100 * (line["test_accuracy_spread"] or 0)),
                  *[_fmt(100 * a if a is not None else None, "{:.2f}%") for a in
                    line["epoch_accuracy"] + [None] * (epochs - len(line["epoch_accuracy"]))],
-                 _fmt(line["wall_time_s"], "{:.1f}", line["wall_time_s_spread"]),
+                 _fmt(line["wall_time_s"], seconds, line["wall_time_s_spread"]),
                  _fmt(line["samples_per_s"], "{:.0f}")]
         if with_target:
-            cells += [_fmt(line["time_to_target_s"], "{:.1f}", line["time_to_target_s_spread"]),
+            cells += [_fmt(line["time_to_target_s"], seconds, line["time_to_target_s_spread"]),
                       f"{line['reached']}/{line['seeds']}"]
         cells += [f"{line['staleness_mean']:.1f}/{line['staleness_max']}", _fmt(line["peak_rss_mb"], "{:.0f}"),
                   ", ".join(line["statuses"])]
