@@ -135,13 +135,14 @@ class SimClock:
         self.compute_all((device,), unit, scale)
 
     def compute_all(self, devices: Sequence[int], unit: str, scale: float = 1.0) -> None:
-        """Runs `unit` (times `scale`) on each of `devices` at once; returns when the slowest is done."""
+        """Runs `scale` of `unit`'s work (its launch in full) on each of `devices` at once; returns when
+        the slowest is done."""
         if self._free:
             return
         me = self._me("compute")
         end = self._now
         for device in devices:
-            seconds = self.model.seconds(device, unit) * scale
+            seconds = self.model.seconds(device, unit, scale)
             start = max(self._now, self.compute_free.get(device, 0.0))
             self.compute_free[device] = start + seconds
             self.busy_s[device] = self.busy_s.get(device, 0.0) + seconds

@@ -34,30 +34,37 @@ class DeviceModel:
     def __init__(self, profile: Profile, flops: Callable[[str], float], straggler: Optional[tuple[int, float]] = None):
         self.profile = profile
         self._flops = flops
-        self._seconds: dict[str, float] = {}
+        self._work: dict[str, tuple[float, float]] = {}
         self.straggler = straggler
 
-    def unit_seconds(self, unit: str) -> float:
-        """Seconds of one call of `unit` on a device at full speed."""
-        if unit not in self._seconds:
+    def _work_and_launch(self, unit: str) -> tuple[float, float]:
+        """`(seconds of work, seconds of launch)` of one call of `unit` at full speed (a measured unit is
+        all work)."""
+        if unit not in self._work:
             measured = self.profile.units.get(profile_key(unit))
             if measured is not None:
-                self._seconds[unit] = measured
+                self._work[unit] = (measured, 0.0)
             else:
                 flops = self._flops(unit)
                 if not math.isfinite(flops):
                     raise ValueError(f"simulated clock: no FLOP count for unit {unit!r} (and the profile does "
                                      "not name it)")
                 profile = self.profile
-                self._seconds[unit] = flops / (profile.peak_flops * profile.efficiency) + profile.launch_s
-        return self._seconds[unit]
+                self._work[unit] = (flops / (profile.peak_flops * profile.efficiency), profile.launch_s)
+        return self._work[unit]
 
-    def seconds(self, device: int, unit: str) -> float:
-        """Seconds of `unit` on `device` (a straggler's are multiplied by its factor)."""
-        base = self.unit_seconds(unit)
+    def unit_seconds(self, unit: str) -> float:
+        """Seconds of one call of `unit` on a device at full speed."""
+        return sum(self._work_and_launch(unit))
+
+    def seconds(self, device: int, unit: str, share: float = 1.0) -> float:
+        """Seconds of `unit` on `device` doing `share` of its work (ddp: 1/N of the batch; the launch is
+        paid in full); a straggler's are multiplied by its factor."""
+        work, launch = self._work_and_launch(unit)
+        seconds = work * share + launch
         if self.straggler is not None and self.straggler[0] == device:
-            return base * self.straggler[1]
-        return base
+            return seconds * self.straggler[1]
+        return seconds
 
     def transfer_seconds(self, nbytes: float) -> float:
         return self.profile.latency_s + nbytes / self.profile.bandwidth_bytes_per_s
