@@ -55,19 +55,20 @@ def make_clock(config: TrainConfig) -> Clock:
     return WALL
 
 
-def _bind_device_model(clock: Clock, config: TrainConfig, units: Units, store: ParamStore, devices: int) -> None:
+def _bind_device_model(session: Session) -> None:
     """Gives a simulated clock its device model: FLOPs per compiled unit, the straggler of `--delay`."""
-    delay = parse_delay(config.delay, devices=devices)
+    units, store, delay = session.units, session.store, session.delay
     straggler = (delay.device, delay.factor) if delay.kind == "straggler" else None
     step: list = []
 
     def flops(unit: str) -> float:
         if unit == "train_step" and unit not in units.signatures:  # ddp: the whole-model step, counted apart
             if not step:
-                step.append(units.step_flops(store.params(), store.opt_states(), store.states(), config.batch_size))
+                step.append(units.step_flops(store.params(), store.opt_states(), store.states(),
+                                             session.config.batch_size))
             return step[0]
         return units.unit_flops(unit)
-    clock.bind(DeviceModel(clock.profile, flops, straggler))
+    session.clock.bind(DeviceModel(session.clock.profile, flops, straggler))
 
 
 def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Optional[dict] = None,
@@ -107,5 +108,5 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
         units.warmup(*trees, config.batch_size, groups=every, devices=real if len(real) > 1 else None)
     units.warmup(*trees, config.batch_size, eval_batch_size(config, dataset), groups=home)
     if clock.simulated:
-        _bind_device_model(clock, config, units, store, len(devices))
+        _bind_device_model(session)
     return session, total_steps

@@ -41,14 +41,13 @@ _POLL_S = 0.002
 
 
 class LapKit(NamedTuple):
-    """What `prepare` builds: the per-device copies and the compiled averaging and partial-gradient units.
+    """What `prepare` compiles (the per-device copies themselves are `session.replicas`).
 
     `average(copies)` is the element-wise mean of `[(params, states), ...]` (one per device, on home);
     `shift(live, average, snapshot)` is `live + (average - snapshot)`; `partial_grad[k](params, states,
     x, labels) -> (grads of slice k's stages, loss, new_states)` for each of `slices` (LPP-SGD only).
     """
 
-    replicas: tuple
     average: Callable
     shift: Callable
     slices: tuple = ()
@@ -104,7 +103,7 @@ def _prepare(session: Session, partial: bool) -> Prepared:
     replicas = (store,) + tuple(ParamStore(store.names, *jax.device_put(trees, device))
                                 for device in session.devices[1:])
     slices = tuple(lpp_slices(len(store), config.workers)) if partial else ()
-    kit = LapKit(replicas, units.jit("average", _tree_mean), units.jit("shift", _tree_shift), slices,
+    kit = LapKit(units.jit("average", _tree_mean), units.jit("shift", _tree_shift), slices,
                  tuple(units.jit(f"partial_grad/{a}-{b}", _partial_grad(units, a, b)) for a, b in slices))
     with units.compiling():
         outputs = []
@@ -120,7 +119,7 @@ def _prepare(session: Session, partial: bool) -> Prepared:
                                for stage, g in zip(range(first, end), grads))
         outputs.append(kit.average([(trees[0], trees[2])] * len(replicas)))
         jax.block_until_ready(outputs)  # blocks: compiled before any thread starts
-    return Prepared(kit=kit, replicas=replicas, model_view=lambda: average(kit, session.devices))
+    return Prepared(kit=kit, replicas=replicas, model_view=lambda: average(kit, replicas, session.devices))
 
 
 def _home_copy(devices: Sequence[Any], device: int, snapshot: list) -> tuple[list, list]:
@@ -128,15 +127,15 @@ def _home_copy(devices: Sequence[Any], device: int, snapshot: list) -> tuple[lis
     return tree if device == 0 else jax.device_put(tree, devices[0])
 
 
-def average(kit: LapKit, devices: Sequence[Any]) -> tuple[list, list]:
+def average(kit: LapKit, replicas: Sequence[ParamStore], devices: Sequence[Any]) -> tuple[list, list]:
     """The average of the device copies, `(params, states)` on the home device (no copy is changed)."""
-    return kit.average([_home_copy(devices, d, store.snapshot()) for d, store in enumerate(kit.replicas)])
+    return kit.average([_home_copy(devices, d, store.snapshot()) for d, store in enumerate(replicas)])
 
 
 def average_copies(session: Session) -> None:
     """One averaging round: every live copy moves by (average - its snapshot)."""
     kit, clock = session.kit, session.clock
-    snapshots = [store.snapshot() for store in kit.replicas]
+    snapshots = [store.snapshot() for store in session.replicas]
     model_bytes = tree_nbytes([s.params for s in snapshots[0]])
     for device in range(1, len(snapshots)):  # every copy's snapshot goes home
         clock.transfer(device, model_bytes)
@@ -145,7 +144,7 @@ def average_copies(session: Session) -> None:
     for device in range(1, len(snapshots)):  # and the average goes back
         clock.transfer(0, model_bytes)
     clock.compute_all(range(len(snapshots)), "shift")
-    for device, (store, snap) in enumerate(zip(kit.replicas, snapshots)):
+    for device, (store, snap) in enumerate(zip(session.replicas, snapshots)):
         target = mean if device == 0 else jax.device_put(mean, session.devices[device])
         taken = ([s.params for s in snap], [s.state for s in snap])
 
@@ -158,7 +157,7 @@ def average_copies(session: Session) -> None:
 def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, device: int, index: int,
                   partial: bool) -> None:
     units, recorder, clock, kit = session.units, session.recorder, session.clock, session.kit
-    store = kit.replicas[device]
+    store = session.replicas[device]
     here = session.devices[device]
     delay = epoch.delay(worker, device, index)
     slice_index = index % max(1, len(kit.slices))
