@@ -93,7 +93,7 @@ def unit_timings(config: TrainConfig, repeats: int = 10, session_out: Optional[l
     for index in reversed(range(len(store))):
         douts[index] = dy
         slot = store.read(index)
-        _, _, dy = units.backward_update[index](slot.params, slot.opt_state, residuals[index], dy)
+        _, _, dy = units.backward_update[index](slot.params, slot.opt_state, residuals[index], dy, 0, slot.params)
 
     def timed(fn) -> float:
         jax.block_until_ready(fn())
@@ -109,8 +109,8 @@ def unit_timings(config: TrainConfig, repeats: int = 10, session_out: Optional[l
         rows.append({
             "stage": name,
             "forward_s": timed(lambda: units.forward[index](slot.params, slot.state, inputs[index])),
-            "backward_update_s": timed(lambda: units.backward_update[index](slot.params, slot.opt_state,
-                                                                            residuals[index], douts[index])),
+            "backward_update_s": timed(lambda: units.backward_update[index](
+                slot.params, slot.opt_state, residuals[index], douts[index], 0, slot.params)),
         })
     rows.append({"stage": "(all stages)", "forward_s": sum(r["forward_s"] for r in rows),
                  "backward_update_s": sum(r["backward_update_s"] for r in rows)})

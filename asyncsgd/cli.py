@@ -18,6 +18,7 @@ from asyncsgd import trainers
 from asyncsgd.config import (CIFAR100_LABELS, CLOCKS, DATASETS, MODELS, NORMS, OPTIMIZERS, PLACEMENTS,
                              RESIDUAL_MODES, SCHEDULES, WINDOW_SCOPES, TrainConfig)
 from asyncsgd.errors import RUNTIME_ERRORS, USAGE_ERRORS, ConfigError
+from asyncsgd.staleness import CORRECTIONS
 
 _DEFAULTS = TrainConfig()
 
@@ -91,6 +92,11 @@ def _add_run_flags(parser: _Parser, model_default: str, epochs_default: int) -> 
     parser.flag(g, "--schedule", choices=SCHEDULES, default=d.schedule)
     parser.flag(g, "--warmup-steps", type=int, default=d.warmup_steps,
                    help="linear learning-rate warm-up over the first N updates of each stage")
+    parser.flag(g, "--staleness-correction", default=d.staleness_correction,
+                help=f"how an update accounts for its gradient's staleness s, one of {{{','.join(CORRECTIONS)}}} "
+                     "or several joined by commas: scale (lr / (1 + s)), dc (delay compensation), momentum "
+                     "(momentum reduced by the mean staleness); docs/usage.md")
+    parser.flag(g, "--dc-lambda", type=float, default=d.dc_lambda, help="dc: lambda of g + lambda g*g (w_now - w_read)")
     _add_schedule_flags(parser, d)
 
 

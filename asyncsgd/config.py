@@ -14,6 +14,7 @@ from typing import Optional
 from asyncsgd import trainers
 from asyncsgd.delays import parse_delay
 from asyncsgd.errors import ConfigError
+from asyncsgd.staleness import parse_corrections
 
 MODELS = ("mlp", "cnn", "resnet18", "resnet34", "resnet50", "lstm")
 DATASETS = ("fashion_mnist", "mnist", "cifar10", "cifar100", "imdb", "synthetic", "synthetic_text")
@@ -52,6 +53,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "constant"
     warmup_steps: int = 0
+    # How an update accounts for its gradient's staleness (asyncsgd/staleness.py): none, scale, dc,
+    # momentum; dc's lambda.
+    staleness_correction: str = "scale,momentum"
+    dc_lambda: float = 0.04
     seed: int = 0
     data_dir: Optional[str] = None
     out: Optional[str] = None
@@ -159,6 +164,14 @@ def validate(config: TrainConfig) -> TrainConfig:
     _choice("norm", config.norm, NORMS)
     _choice("window", config.window, WINDOW_SCOPES)
     _choice("clock", config.clock, CLOCKS)
+    try:
+        corrections = parse_corrections(config.staleness_correction)
+    except ValueError as exc:
+        raise ConfigError(f"--staleness-correction: {exc}") from None
+    _require("momentum" not in corrections or config.optimizer == "sgd",
+             "--staleness-correction momentum adapts SGD's momentum; with --optimizer adam use scale or dc")
+    _require(math.isfinite(config.dc_lambda) and config.dc_lambda >= 0,
+             f"--dc-lambda must be a finite number >= 0, got {config.dc_lambda}")
     _choice("placement", config.placement, PLACEMENTS)
     _require(config.clock == "simulated" or (config.profile is None and config.sim_tie_seed is None),
              "--profile and --sim-tie-seed need --clock simulated")

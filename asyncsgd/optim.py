@@ -4,6 +4,9 @@ Every trainer uses the same per-stage transformation, so a stage's optimiser sta
 moments, schedule step count) lives in that stage's store slot and advances once per committed update.
 All supported rules are element-wise, so applying them per stage is the same math as applying them to
 the whole model; that is what makes `layerwise` equal to `sync`.
+
+The transformation always takes two extra arguments (`staleness`, `params_read`: see
+`asyncsgd/staleness.py`); only a staleness correction reads them.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import optax
 
 from asyncsgd.config import TrainConfig
+from asyncsgd.staleness import delay_compensation, parse_corrections, scale_by_staleness, staleness_momentum
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -31,13 +35,31 @@ def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Sched
     return optax.join_schedules([ramp, main], boundaries=[warmup])
 
 
-def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """SGD (with optional momentum / Nesterov) or Adam, with decoupled-from-loss L2 weight decay."""
+def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformationExtraArgs:
+    """SGD (with optional momentum / Nesterov) or Adam, with decoupled-from-loss L2 weight decay and
+    the run's staleness correction.
+
+    Order: delay compensation acts on the raw gradient (it corrects the gradient itself), weight
+    decay is added, `scale` divides the whole step's direction, then the rule; `momentum` replaces
+    the rule's momentum with the staleness-adapted one. With `none` the state is the rule's own, as
+    before corrections existed (old checkpoints load).
+    """
     schedule = learning_rate_schedule(config, total_steps)
+    correction = parse_corrections(config.staleness_correction)
     if config.optimizer == "adam":
         rule = optax.adam(schedule)
+    elif "momentum" in correction:
+        rule = optax.chain(staleness_momentum(config.momentum, config.nesterov),
+                           optax.scale_by_learning_rate(schedule))
     else:
         rule = optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov)
+    parts = []
+    if "dc" in correction:
+        parts.append(delay_compensation(config.dc_lambda))
     if config.weight_decay > 0:
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), rule)
-    return rule
+        parts.append(optax.add_decayed_weights(config.weight_decay))
+    if "scale" in correction:
+        parts.append(scale_by_staleness())
+    if not parts:
+        return optax.with_extra_args_support(rule)
+    return optax.chain(*parts, rule)

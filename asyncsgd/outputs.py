@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from asyncsgd import checkpoint
+from asyncsgd import checkpoint, staleness
 from asyncsgd.config import TrainConfig
 from asyncsgd.errors import CheckpointError, ConfigError, OutputExists
 from asyncsgd.metrics import Recorder, peak_rss_mb
@@ -23,6 +23,9 @@ from asyncsgd.metrics import Recorder, peak_rss_mb
 # Configuration fields a resumed run may change (they do not change what is computed).
 RESUMABLE_CHANGES = ("progress", "watchdog_s", "log_every", "overwrite", "checkpoint_every", "keep_checkpoints",
                      "eval_batch_size")
+# Fields added after runs were written, with the value that reproduces those runs (a config.json without
+# the field resumes as it was trained, whatever today's default is).
+LEGACY_DEFAULTS = {"staleness_correction": "none"}
 
 
 class JsonlWriter:
@@ -73,6 +76,8 @@ def resume_config(out: str, overrides: Optional[dict] = None) -> TrainConfig:
     unknown = set(saved) - fields
     if unknown:
         raise CheckpointError(f"--resume {out}: config.json has unknown fields {sorted(unknown)}")
+    for name, value in LEGACY_DEFAULTS.items():  # written before the field existed: the behaviour of then
+        saved.setdefault(name, value)
     config = TrainConfig(**saved)
     for name, value in sorted((overrides or {}).items()):
         if name in ("out", "trainer") and value is None or name not in fields:
@@ -145,6 +150,16 @@ class RunTotals:
             self.peak_inflight = max(self.peak_inflight or 0, result.peak_inflight)
 
 
+def divergence_advice(config: TrainConfig, spec) -> str:
+    """What a diverged run's user should try first (the end of its one-line error)."""
+    if config.staleness_correction == "none" and spec.staleness_bound(config) != 0:
+        first = "--staleness-correction scale,momentum (the default; this run turned it off)"
+    else:
+        first = f"--lr {config.lr / 2:g} (half)"
+    return (f"try first {first}, then --warmup-steps {max(100, 4 * config.warmup_steps)} or --max-inflight 1 "
+            "(docs/usage.md, \"Staleness\")")
+
+
 def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_step: float,
             peak_flops: float, resumed_from: Optional[int], checkpoint_path: Optional[str],
             diverged: Optional[Exception]) -> dict:
@@ -167,6 +182,7 @@ def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_s
         "test_accuracy": tests.accuracy, "test_loss": tests.loss, "target_accuracy": config.target_accuracy,
         "time_to_target_s": tests.time_to_target_s, "steps_to_target": tests.steps_to_target,
         "train_loss": recorder.train_loss(), "staleness": recorder.staleness(),
+        "staleness_correction": staleness.describe(config, [slot.opt_state for slot in store.slots()]),
         "staleness_bound": spec.staleness_bound(config),
         "updates_per_stage": dict(zip(session.model.stage_names, session.updates_per_stage())),
         "devices": len(session.devices), "delay": str(session.delay),

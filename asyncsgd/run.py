@@ -125,7 +125,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
         status, diverged = "diverged", exc
         exc.args = (f"{exc.args[0]}; stages with non-finite parameters: "
                     f"{', '.join(outputs.nonfinite_stages(session)) or 'none yet'}; "
-                    "try a lower --lr or --max-inflight",)
+                    f"{outputs.divergence_advice(config, spec)}",)
         raise
     finally:
         recorder.close()

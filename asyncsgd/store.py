@@ -67,6 +67,11 @@ class ParamStore:
         """The current slot of `stage` (a reference read: no lock needed, the slot is immutable)."""
         return self._slots[stage]
 
+    def staleness(self, stage: int, version_read: int) -> int:
+        """Updates `stage` has received since `version_read`. Inside `update` of a `commit` (or a
+        `commit_all`), under the stage's lock, this is the staleness of the update being applied."""
+        return self._slots[stage].version - version_read
+
     def commit(self, stage: int, update: Callable[[Any, Any], tuple]) -> Commit:
         """Atomically replaces stage `stage` with `update(params, opt_state)`.
 

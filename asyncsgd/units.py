@@ -4,14 +4,17 @@ For each stage l of a `StagedModel` this builds (DESIGN.md, "unit"):
 
   forward[l](params, state, x)                -> (y, residuals, new_state)   (training mode)
   backward[l](params, residuals, dy)          -> (grads, dx)
-  backward_update[l](params, opt, res, dy)    -> (params', opt', dx)    (update fused into backward)
-  update[l](params, opt, grads)               -> (params', opt')
+  backward_update[l](params, opt, res, dy, s, read) -> (params', opt', dx)  (update fused into backward)
+  update[l](params, opt, grads, s, read)      -> (params', opt')
   merge_state[l](current, read, new)          -> state'   (stages with batch norm only)
 
 plus the whole-model functions of one device that several trainers share (`train_step`,
 `model_grad`, `model_update`, `model_merge_state`), the loss head (`loss_grad`) and `evaluate`
-(evaluation mode: batch norm uses the running statistics). Trainers that need more (ddp's step over a
-device mesh, LAP-SGD's averaging, LPP-SGD's partial gradients) build it beside themselves in
+(evaluation mode: batch norm uses the running statistics). Every unit that applies an update takes the
+gradient's staleness `s` (an int, traced: any value, one compile) and the parameters it was computed
+at, `read` (the current parameters where a trainer has no others), for the staleness correction
+(`asyncsgd/staleness.py`); `model_update` takes one of each per stage. Trainers that need more (ddp's
+step over a device mesh, LAP-SGD's averaging, LPP-SGD's partial gradients) build it beside themselves in
 `asyncsgd/trainers/` from the pure building blocks here (`grads_of`, `apply_updates`, `model.loss`),
 compiled through the same `jit`, so every unit's traces are counted in one place.
 
@@ -50,8 +53,10 @@ Params = Any
 UNIT_GROUPS = ("stages", "stages_split", "update", "train_step", "model_grad")
 
 
-def _apply_update(optimizer: optax.GradientTransformation, params, opt_state, grads):
-    updates, opt_state = optimizer.update(grads, opt_state, params)
+def _apply_update(optimizer: optax.GradientTransformationExtraArgs, params, opt_state, grads, staleness=0,
+                  params_read=None):
+    updates, opt_state = optimizer.update(grads, opt_state, params, staleness=staleness,
+                                          params_read=params if params_read is None else params_read)
     return optax.apply_updates(params, updates), opt_state
 
 
@@ -69,7 +74,7 @@ class Units:
         if residuals not in ("stash", "recompute"):
             raise ValueError(f"residuals must be 'stash' or 'recompute', got {residuals!r}")
         self.model = model
-        self.optimizer = optimizer
+        self.optimizer = optax.with_extra_args_support(optimizer)
         self.residuals = residuals
         self.trace_counts: collections.Counter = collections.Counter()
         # Per unit: the pure function and the shapes it was traced with (for its FLOP count).
@@ -155,23 +160,27 @@ class Units:
         return backward
 
     def _make_backward_update(self, index: int):
-        def backward_update(params, opt_state, residuals, dy):
+        def backward_update(params, opt_state, residuals, dy, staleness, params_read):
             grads, dx = self._grads_from_residuals(index, params, residuals, dy)
-            params, opt_state = _apply_update(self.optimizer, params, opt_state, grads)
+            params, opt_state = _apply_update(self.optimizer, params, opt_state, grads, staleness, params_read)
             return params, opt_state, dx
         return backward_update
 
-    def _update(self, params, opt_state, grads):
-        return _apply_update(self.optimizer, params, opt_state, grads)
+    def _update(self, params, opt_state, grads, staleness, params_read):
+        return _apply_update(self.optimizer, params, opt_state, grads, staleness, params_read)
 
     def grads_of(self, params_list, states, x, labels):
         """`(grads, loss, new_states)` of the whole model on one batch (pure: for use inside a jit)."""
         (loss, new_states), grads = jax.value_and_grad(self.model.loss, has_aux=True)(params_list, states, x, labels)
         return grads, loss, new_states
 
-    def apply_updates(self, params_list, opt_list, grads_list):
-        """Every stage's optimiser step (pure: for use inside a jit)."""
-        pairs = [_apply_update(self.optimizer, p, o, g) for p, o, g in zip(params_list, opt_list, grads_list)]
+    def apply_updates(self, params_list, opt_list, grads_list, staleness=None, read_list=None):
+        """Every stage's optimiser step (pure: for use inside a jit). `staleness` and `read_list`: one per
+        stage (default: a synchronous step, staleness 0 at the current parameters)."""
+        staleness = [0] * len(params_list) if staleness is None else staleness
+        read_list = params_list if read_list is None else read_list
+        pairs = [_apply_update(self.optimizer, p, o, g, s, r)
+                 for p, o, g, s, r in zip(params_list, opt_list, grads_list, staleness, read_list)]
         return [p for p, _ in pairs], [o for _, o in pairs]
 
     def _model_merge_state(self, current, read, new):
@@ -255,21 +264,22 @@ class Units:
             if "stages" in groups:
                 dy = dy_top
                 for index in reversed(range(len(self.forward))):
-                    _, _, dy = self.backward_update[index](params[index], opt_states[index], residuals[index], dy)
+                    _, _, dy = self.backward_update[index](params[index], opt_states[index], residuals[index], dy,
+                                                           0, params[index])
                 outputs.append(dy)
             if "stages_split" in groups:
                 dy, grads = dy_top, [None] * len(params)
                 for index in reversed(range(len(self.forward))):
                     grads[index], dy = self.backward[index](params[index], residuals[index], dy)
-                outputs.append(self.model_update(params, opt_states, grads))
+                outputs.append(self.model_update(params, opt_states, grads, [0] * len(params), params))
         if "update" in groups:
-            outputs.extend(self.update[index](params[index], opt_states[index], params[index])
+            outputs.extend(self.update[index](params[index], opt_states[index], params[index], 0, params[index])
                            for index in range(len(params)))
         if "train_step" in groups:
             outputs.append(self.train_step(params, opt_states, states, x0, labels))
         if "model_grad" in groups:
             grads, _, new_states = self.model_grad(params, states, x0, labels)
-            outputs.append(self.model_update(params, opt_states, grads))
+            outputs.append(self.model_update(params, opt_states, grads, [0] * len(params), params))
             outputs.append(self.model_merge_state(states, states, new_states))
         return outputs
 

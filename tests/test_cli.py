@@ -61,6 +61,8 @@ def test_train_writes_config_metrics_updates_and_summary(tmp_path):
     (("--trainer", "nope"), "invalid choice: 'nope'"),
     (("--batch-size", "100000"), "larger than the training set"),
     (("--epochs", "zero"), "invalid int value"),
+    (("--dc-lambda", "nan"), "--dc-lambda must be a finite number >= 0"),
+    (("--staleness-correction", "momentum", "--optimizer", "adam"), "with --optimizer adam use scale or dc"),
 ])
 def test_bad_values_give_one_line_and_exit_2(tmp_path, args, fragment):
     result = cli(*quick(tmp_path / "run", *args))
@@ -148,7 +150,7 @@ def test_non_finite_loss_stops_the_run_naming_step_and_stages(tmp_path):
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "non-finite training loss" in lines[0], result.stderr
-    assert "stages with non-finite parameters: dense1" in lines[0]
+    assert "stages with non-finite parameters: dense1" in lines[0] and "try first --lr 5e+29 (half)" in lines[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "diverged" and summary["diverged"]["step"] == summary["steps"] + 1
     assert summary["steps"] < 2 * (2048 // 32)  # stopped early, not run to the end on NaN

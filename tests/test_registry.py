@@ -31,7 +31,8 @@ def _plain_epoch(session, plan) -> EpochResult:
             worker.beat(f"plain step (item {batch.seq})")
             slots = [store.read(stage) for stage in range(len(store))]
             grads, loss, _ = units.model_grad([s.params for s in slots], [s.state for s in slots], batch.x, batch.y)
-            commits = store.commit_all(lambda p, o, s: (*units.model_update(p, o, grads), s, None))
+            commits = store.commit_all(lambda p, o, s: (*units.model_update(
+                p, o, grads, [store.staleness(i, slot.version) for i, slot in enumerate(slots)], p), s, None))
             recorder.committed_all(commits, worker.name, [s.version for s in slots])
             loss.block_until_ready()  # blocks: one step at a time
             recorder.item_done(batch.seq, loss)

@@ -101,8 +101,8 @@ def test_backward_update_equals_backward_then_update():
     y, res, _ = units.forward[1](params[1], states[1], jnp.ones((2, 512)))
     dy = jnp.ones_like(y)
     grads, dx = units.backward[1](params[1], res, dy)
-    expected = units.update[1](params[1], opt[1], grads)
-    fused_params, fused_opt, fused_dx = units.backward_update[1](params[1], opt[1], res, dy)
+    expected = units.update[1](params[1], opt[1], grads, 3, params[1])
+    fused_params, fused_opt, fused_dx = units.backward_update[1](params[1], opt[1], res, dy, 3, params[1])
     chex.assert_trees_all_close((fused_params, fused_opt, fused_dx), (*expected, dx), rtol=1e-6)
 
 
@@ -139,7 +139,8 @@ def test_residual_modes_agree_on_the_fused_update():
         units = Units(model, optax.sgd(0.1), mode)
         h = units.forward[1](params[1], states[1], units.forward[0](params[0], states[0], x)[0])[0]
         y, res, _ = units.forward[2](params[2], states[2], h)
-        outs.append(units.backward_update[2](params[2], units.init_opt_states(params)[2], res, jnp.ones_like(y)))
+        outs.append(units.backward_update[2](params[2], units.init_opt_states(params)[2], res, jnp.ones_like(y),
+                                               0, params[2]))
     chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 

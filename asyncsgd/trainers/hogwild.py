@@ -46,13 +46,16 @@ def _hogwild_worker(worker, session: Session, epoch: Epoch, window: Tickets, dev
         loss.block_until_ready()  # blocks: the gradient is computed before we commit it
         delay.after_compute(clock.now() - t_read)
         worker.beat(f"committing the whole model (item {batch.seq})")
-        read_states = [view.source(stage, slot).state for stage, slot in enumerate(slots)]
+        sources = [view.source(stage, slot) for stage, slot in enumerate(slots)]
+        read_states = [source.state for source in sources]
+        read_params = [source.params for source in sources]  # on home: what a dc correction compares to
         grads, new_states, loss = view.to_home((grads, new_states, loss))
         clock.compute(0, "model_update")
 
         def update(params, opts, states):
             merged = units.model_merge_state(states, read_states, new_states) if has_state(states) else states
-            return (*units.model_update(params, opts, grads), merged, None)
+            staleness = [store.staleness(stage, slot.version) for stage, slot in enumerate(slots)]
+            return (*units.model_update(params, opts, grads, staleness, read_params), merged, None)
         commits = store.commit_all(update)
         recorder.committed_all(commits, worker.name, [s.version for s in slots], [t_read] * len(slots))
         window.release(ticket)

@@ -115,7 +115,7 @@ def _prepare(session: Session, partial: bool) -> Prepared:
             outputs.append(kit.shift((params, states), (params, states), (params, states)))
             for (first, end), partial_grad in zip(slices, kit.partial_grad):
                 grads, _, _ = partial_grad(params, states, x, y)
-                outputs.extend(units.update[stage](params[stage], opts[stage], g)
+                outputs.extend(units.update[stage](params[stage], opts[stage], g, 0, params[stage])
                                for stage, g in zip(range(first, end), grads))
         outputs.append(kit.average([(trees[0], trees[2])] * len(replicas)))
         jax.block_until_ready(outputs)  # blocks: compiled before any thread starts
@@ -184,7 +184,8 @@ def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, devic
         worker.beat(f"committing (item {batch.seq})")
         for stage, grad in zip(stages, grads):
             clock.compute(device, f"update/{store.names[stage]}")
-            commit = store.commit(stage, lambda p, o, stage=stage, g=grad: units.update[stage](p, o, g))
+            commit = store.commit(stage, lambda p, o, stage=stage, g=grad: units.update[stage](
+                p, o, g, store.staleness(stage, slots[stage].version), params[stage]))
             recorder.committed(stage, slots[stage].version, commit.before.version, worker.name, t_read)
         for stage, slot in enumerate(slots):
             if has_state(slot.state):

@@ -40,6 +40,9 @@ class WorkItem(NamedTuple):
     versions_read: tuple[int, ...]
     times_read: tuple[float, ...]
     ticket: tuple = (0, -1)  # the run-ahead window slot it holds (released after its backward pass)
+    # Per stage, the home parameters the forward pass read when a `dc` correction needs them (stash
+    # mode: the gradient is taken there), else None.
+    params_read: tuple = ()
 
 
 def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
@@ -53,13 +56,15 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
     """
     units, store, clock = session.units, session.store, session.clock
     view = view or session.views[0]
+    keep = session.keeps_read_params and units.residuals == "stash"
     x, y = view.put((batch.x, batch.y))
-    residuals, versions, times = [], [], []
+    residuals, versions, times, reads = [], [], [], []
     for index, name in enumerate(session.model.stage_names):
         worker.beat(f"forward stage {name} (item {batch.seq})")
         slot = view.read(index)
         versions.append(slot.version)
         times.append(clock.now())
+        reads.append(view.source(index, slot).params if keep else None)
         clock.compute(view.index, f"forward/{name}")
         x, res, new_state = units.forward[index](slot.params, slot.state, x)
         residuals.append(res)
@@ -71,7 +76,8 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
             x.block_until_ready()  # blocks: the next stage's read must come after this stage ran
     clock.compute(view.index, "loss_grad")
     loss, dlogits = units.loss_grad(x, y)
-    return WorkItem(batch.seq, loss, dlogits, tuple(residuals), tuple(versions), tuple(times))
+    return WorkItem(batch.seq, loss, dlogits, tuple(residuals), tuple(versions), tuple(times),
+                    params_read=tuple(reads))
 
 
 def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, sync_each_stage: bool,
@@ -90,9 +96,11 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
     units, store, recorder, clock = session.units, session.store, session.recorder, session.clock
     view = view or session.views[0]
     recompute = units.residuals == "recompute"
+    keep = session.keeps_read_params
     names = session.model.stage_names
     dy = item.dlogits_BxC
     grads: list = [None] * len(names)
+    reads: list = [None] * len(names)  # home parameters each gradient was taken at (dc only)
     last = dy
     for index in reversed(range(len(names))):
         worker.beat(f"backward stage {names[index]} (item {item.seq})")
@@ -101,34 +109,48 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             clock.compute(0, f"backward_update/{names[index]}")
 
             def update(params, opt_state, index=index, residuals=residuals, dy=dy):
-                return units.backward_update[index](params, opt_state, residuals, dy)
+                read = _read_or(item, index, params)  # recompute: the gradient is taken at `params`
+                return units.backward_update[index](params, opt_state, residuals, dy,
+                                                    store.staleness(index, item.versions_read[index]), read)
             commit = store.commit(index, update)
             dy = commit.extra
-        elif layerwise:  # another device: gradient here, pushed home, applied to the store there
-            params = view.read(index).params if recompute else view.local(index)
+        else:
+            # Recompute mode differentiates at the current parameters; stash mode ignores them.
+            slot = view.read(index) if recompute else None
+            params = slot.params if recompute else view.local(index)
             clock.compute(view.index, f"backward/{names[index]}")
-            grads_here, dy = units.backward[index](params, residuals, dy)
-            pushed = view.to_home(grads_here)
-            clock.compute(0, f"update/{names[index]}")  # applied on the home device
-            commit = store.commit(index, lambda p, o, index=index, g=pushed: units.update[index](p, o, g))
+            grads[index], dy = units.backward[index](params, residuals, dy)
+            if keep:
+                reads[index] = view.source(index, slot).params if recompute else item.params_read[index]
+            last = dy if dy is not None else grads[index]
+        if layerwise and not view.is_home:  # the gradient is pushed home and applied to the store there
+            pushed = view.to_home(grads[index])
+            clock.compute(0, f"update/{names[index]}")
+            commit = store.commit(index, lambda p, o, index=index, g=pushed, r=reads[index]: units.update[index](
+                p, o, g, store.staleness(index, item.versions_read[index]), p if r is None else r))
         if layerwise:
             recorder.committed(index, item.versions_read[index], commit.before.version, worker.name,
                                item.times_read[index])
             last = dy if dy is not None else commit.after.params
-        else:
-            # Recompute mode differentiates at the current parameters; stash mode ignores them.
-            params = view.read(index).params if recompute else view.local(index)
-            clock.compute(view.index, f"backward/{names[index]}")
-            grads[index], dy = units.backward[index](params, residuals, dy)
-            last = dy if dy is not None else grads[index]
         if sync_each_stage:
             jax.block_until_ready(last)  # blocks: this stage's work finishes before the next starts
     if not layerwise:
         worker.beat(f"committing the whole model (item {item.seq})")
         grads = view.to_home(grads)
+
+        def update_all(params, opts, states):
+            staleness = [store.staleness(index, item.versions_read[index]) for index in range(len(names))]
+            read = [p if r is None else r for p, r in zip(params, reads)]
+            return (*units.model_update(params, opts, grads, staleness, read), states, None)
         clock.compute(0, "model_update")
-        commits = store.commit_all(lambda params, opts, states: (*units.model_update(params, opts, grads),
-                                                                 states, None))
+        commits = store.commit_all(update_all)
         recorder.committed_all(commits, worker.name, item.versions_read, item.times_read)
         last = commits[0].after.params
     return last
+
+
+def _read_or(item: WorkItem, index: int, params):
+    """The parameters `item`'s gradient of stage `index` was taken at, where the item kept them (a dc
+    correction in stash mode), else `params`."""
+    kept = item.params_read[index] if item.params_read else None
+    return params if kept is None else kept

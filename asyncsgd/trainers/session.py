@@ -10,6 +10,7 @@ from asyncsgd.data.dataset import Dataset, prefetch_worker
 from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
 from asyncsgd.models.staged import StagedModel
+from asyncsgd.staleness import NEEDS_READ_PARAMS, parse_corrections
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.base import EpochPlan, EpochResult
 from asyncsgd.trainers.placement import DeviceView
@@ -62,6 +63,12 @@ class Session:
             return self.model_view()
         snapshot = self.store.snapshot()
         return ([s.params for s in snapshot], [s.state for s in snapshot])
+
+    @property
+    def keeps_read_params(self) -> bool:
+        """Whether updates need the parameters their gradient was computed at (a `dc` correction):
+        then the trainers keep a reference to them from the read until the commit."""
+        return bool(parse_corrections(self.config.staleness_correction) & NEEDS_READ_PARAMS)
 
     def updates_per_stage(self) -> list[int]:
         """Committed updates per stage (summed over the device copies where there are several)."""

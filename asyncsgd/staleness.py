@@ -1,0 +1,181 @@
+"""Staleness-aware updates: optax transformations that know how old a gradient is.
+
+An asynchronous trainer applies a gradient computed at parameters `w_read` (version v_read) to the
+current parameters `w_now` (version v_now); its staleness is `s = v_now - v_read`. The transformations
+here take both as extra arguments (optax's `GradientTransformationExtraArgs`):
+
+  update(grads, state, params, staleness=s, params_read=w_read)
+
+and compose with the run's rule in `optim.make_optimizer` (`--staleness-correction`):
+
+  none      the rule alone (what every trainer did before; the state is the rule's own).
+  scale     g / (1 + s) before the rule: the learning rate of a stale gradient divided by one plus its
+            staleness (Zhang et al., "Staleness-aware Async-SGD", arXiv 1511.05950, divide the
+            learning rate by the staleness; `1 + s` keeps a fresh gradient, s = 0, at full rate).
+  dc        delay compensation, g + lambda * g * g * (w_now - w_read) element-wise (Zheng et al.,
+            "Asynchronous SGD with Delay Compensation", ICML 2017): a first-order Taylor correction of
+            the gradient towards w_now, with g * g standing in for the Hessian's diagonal; lambda 0.04
+            as in MXNet's `dcasgd` optimiser (`--dc-lambda`).
+  momentum  momentum reduced by the momentum asynchrony already adds (Mitliagkas et al., "Asynchrony
+            begets momentum", arXiv 1605.09774): with mean staleness s_bar, asynchronous SGD behaves
+            like momentum SGD with an implicit momentum whose mean lag mu_i / (1 - mu_i) equals s_bar.
+            The explicit momentum keeps the total mean lag at the configured momentum's:
+            mu_e / (1 - mu_e) = max(0, mu / (1 - mu) - s_bar), so mu_e = mu at s_bar = 0 and mu_e = 0
+            once s_bar >= mu / (1 - mu) (9 for mu = 0.9). s_bar is a per-stage running mean of the
+            staleness (exponential, `STALENESS_EMA`, bias-corrected), kept in the state.
+
+Corrections combine, joined by commas, in the order dc, scale, momentum (`scale,momentum`: the
+adapted momentum trace of g / (1 + s)). The default is `scale,momentum`: measured on Fashion-MNIST (docs/usage.md,
+"Staleness"), `none` diverges with default flags on 4 devices; `scale` alone keeps every run finite
+because the stable learning rate of delayed SGD falls like 1 / staleness; adding `momentum` takes back
+the implicit momentum that the scaled steps still carry.
+
+A synchronous step passes s = 0 and w_read = w_now, where every correction is the identity, bit for
+bit (scale passes a fresh gradient through untouched; dc adds g * g * 0; momentum uses mu exactly),
+so `sync`, `layerwise` and `ddp` compute what they computed before corrections existed (tested).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+CORRECTIONS = ("none", "scale", "dc", "momentum")
+NEEDS_READ_PARAMS = frozenset({"dc"})  # corrections that need the parameters a gradient was taken at
+
+
+def parse_corrections(text: str) -> frozenset:
+    """`--staleness-correction`: one name or several joined by commas ("scale,momentum"); "none" alone.
+    Raises ValueError naming what is wrong."""
+    names = [name.strip() for name in str(text).split(",")]
+    unknown = [name for name in names if name not in CORRECTIONS]
+    if unknown or not names:
+        raise ValueError(f"unknown value {unknown[0] if unknown else text!r}; choose from "
+                         f"{', '.join(CORRECTIONS)} or several joined by commas (scale,momentum)")
+    if "none" in names and len(names) > 1:
+        raise ValueError(f"{text!r}: 'none' cannot be combined with a correction")
+    return frozenset(names) - {"none"}
+DC_LAMBDA = 0.04  # MXNet's dcasgd default (Zheng et al. use 0.04 for their ImageNet runs)
+STALENESS_EMA = 0.95  # decay of the running mean staleness of `momentum` (about the last 20 updates)
+
+
+def _float_staleness(staleness) -> jax.Array:
+    return jnp.asarray(0 if staleness is None else staleness, dtype=jnp.float32)
+
+
+def scale_by_staleness() -> optax.GradientTransformationExtraArgs:
+    """g -> g / (1 + staleness). Stateless."""
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, staleness=None, **extra):
+        del params, extra
+        staleness = _float_staleness(staleness)
+        factor = 1.0 / (1.0 + staleness)
+        # A fresh gradient passes through untouched (not multiplied by 1.0): the fused update then
+        # computes exactly what the rule alone computes, so layerwise stays bit-equal to sync.
+        return jax.tree_util.tree_map(lambda g: jnp.where(staleness > 0, g * factor.astype(g.dtype), g),
+                                      updates), state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def delay_compensation(lam: float = DC_LAMBDA) -> optax.GradientTransformationExtraArgs:
+    """g -> g + lam * g * g * (params - params_read), element-wise (DC-ASGD). Stateless.
+
+    `params` are the parameters the update is applied to (w_now); `params_read` those the gradient was
+    computed at. Without `params_read` (a caller that has none) the gradient passes unchanged.
+    """
+    if lam < 0:
+        raise ValueError(f"delay compensation's lambda must be >= 0, got {lam}")
+
+    def init(params):
+        del params
+        return optax.EmptyState()
+
+    def update(updates, state, params=None, *, params_read=None, **extra):
+        del extra
+        if params is None or params_read is None:
+            return updates, state
+        corrected = jax.tree_util.tree_map(lambda g, now, read: g + lam * g * g * (now - read),
+                                           updates, params, params_read)
+        return corrected, state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+class StalenessMomentumState(NamedTuple):
+    trace: Any
+    mean_staleness: jax.Array  # the running mean, not yet bias-corrected
+    count: jax.Array  # updates seen (for the bias correction)
+
+
+def explicit_momentum(momentum: float, mean_staleness) -> jax.Array:
+    """The explicit momentum that keeps the total mean lag at `momentum`'s (module docstring)."""
+    mean_staleness = jnp.asarray(mean_staleness, jnp.float32)
+    lag = jnp.maximum(momentum / (1.0 - momentum) - mean_staleness, 0.0)
+    return jnp.where(mean_staleness > 0, lag / (1.0 + lag), jnp.float32(momentum))
+
+
+def staleness_momentum(momentum: float, nesterov: bool = False,
+                       ema: float = STALENESS_EMA) -> optax.GradientTransformationExtraArgs:
+    """Heavy-ball (or Nesterov) momentum whose coefficient falls as the mean staleness grows.
+
+    Same trace as `optax.trace` (t <- g + mu_e * t; update t, or g + mu_e * t with Nesterov), with
+    mu_e = `explicit_momentum(momentum, s_bar)` and s_bar the bias-corrected running mean of the
+    staleness including this update's.
+    """
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+
+    def init(params):
+        return StalenessMomentumState(trace=jax.tree_util.tree_map(jnp.zeros_like, params),
+                                      mean_staleness=jnp.zeros([], jnp.float32), count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, staleness=None, **extra):
+        del params, extra
+        count = state.count + 1
+        mean = ema * state.mean_staleness + (1.0 - ema) * _float_staleness(staleness)
+        s_bar = mean / (1.0 - ema ** count.astype(jnp.float32))
+        mu = explicit_momentum(momentum, s_bar)
+        trace = jax.tree_util.tree_map(lambda g, t: g + mu.astype(g.dtype) * t, updates, state.trace)
+        if nesterov:
+            out = jax.tree_util.tree_map(lambda g, t: g + mu.astype(g.dtype) * t, updates, trace)
+        else:
+            out = trace
+        return out, StalenessMomentumState(trace, mean, count)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+
+def describe(config, opt_states) -> dict:
+    """The run's correction for summary.json: its name and settings; for `momentum`, per stage the
+    running mean staleness and the explicit momentum it ended at (from the stages' optimiser states)."""
+    names = parse_corrections(config.staleness_correction)
+    out: dict[str, Any] = {"name": config.staleness_correction}
+    if "dc" in names:
+        out["dc_lambda"] = config.dc_lambda
+    if "momentum" in names:
+        out["momentum"], out["ema"] = config.momentum, STALENESS_EMA
+        means = [_mean_staleness(state) for state in opt_states]
+        out["mean_staleness_by_stage"] = means
+        out["explicit_momentum_by_stage"] = [None if m is None else float(explicit_momentum(config.momentum, m))
+                                             for m in means]
+    return out
+
+
+def _mean_staleness(opt_state) -> Optional[float]:
+    """The bias-corrected running mean staleness held in a stage's optimiser state (None before any update)."""
+    found = [leaf for leaf in jax.tree_util.tree_leaves(
+        opt_state, is_leaf=lambda node: isinstance(node, StalenessMomentumState))
+        if isinstance(leaf, StalenessMomentumState)]
+    if not found or int(found[0].count) == 0:
+        return None
+    state = found[0]
+    return float(state.mean_staleness) / (1.0 - STALENESS_EMA ** int(state.count))
