@@ -5,6 +5,27 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_NUMPY_RANK_PROMOTION", "raise")
 
+
+def _share_compilations() -> None:
+    """One persistent XLA compilation cache for this test run (and the CLI processes it starts, which
+    inherit the environment): the suite builds the same units for the same shapes in test after test,
+    and a cached executable loads in a fraction of its compile time (measured: a CNN session's units 11.5 s
+    -> 1.8 s the second time). Tracing still happens per function, so trace counts are unchanged; the
+    directory is new for each run and removed at its end."""
+    import atexit
+    import shutil
+    import tempfile
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    path = tempfile.mkdtemp(prefix="asyncsgd-test-xla-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_share_compilations()
+
 import dataclasses  # noqa: E402
 import time  # noqa: E402
 

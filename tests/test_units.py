@@ -41,10 +41,11 @@ def _tiny(model_name, batch=4, **options):
     return model, params, states, x, labels
 
 
-# Every model; the residual mode itself is checked on the cheaper ones (ResNet-34 and -50 compile slowly).
+# Every kind of stage; the residual mode itself is checked on the cheaper models (ResNet-50 compiles
+# slowly; ResNet-34 is ResNet-18's basic block, deeper, so it adds no kind of stage).
 @pytest.mark.parametrize("model_name, options, residuals", [
     (name, {}, mode) for name in ("mlp", "cnn", "resnet18", "lstm") for mode in ("stash", "recompute")
-] + [("resnet18", {"norm": "group"}, "stash"), ("resnet34", {}, "stash"), ("resnet50", {}, "stash")])
+] + [("resnet18", {"norm": "group"}, "stash"), ("resnet50", {}, "stash")])
 def test_stage_gradients_equal_whole_model_grad(model_name, options, residuals):
     model, params, states, x, labels = _tiny(model_name, **options)
     units = Units(model, optax.sgd(0.1), residuals)
