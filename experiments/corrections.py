@@ -76,8 +76,12 @@ def main(argv=None) -> int:
                         help="instead: every trainer with default flags on 1, 2 and 4 devices (does any diverge?)")
     parser.add_argument("--trainers", default=None, help="--check-defaults: these trainers (default: all)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after N steps")
+    parser.add_argument("--max-inflight", type=int, default=None, help="instead of the default run-ahead per device")
+    parser.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="instead of the default")
     args = parser.parse_args(argv)
     preset = dict(FULL if args.full else QUICK[args.model], max_steps=args.max_steps)
+    preset.update({k: v for k, v in (("max_inflight", args.max_inflight), ("schedule", args.schedule))
+                   if v is not None})
     devices = tuple(int(d) for d in (args.devices or ("1,2,4" if args.check_defaults else "1,4")).split(","))
     corrections = tuple(c.strip() for c in args.corrections.split(";") if c.strip())
     for correction in corrections:
