@@ -65,7 +65,9 @@ class TestEvaluator:
         self.time_s += clock.real_now() - start
         recorder.log({"event": "eval", "epoch": recorder.epoch, "step": steps, "samples": steps * recorder.batch_size,
                       "time_s": wall, "wall_time_s": round(recorder.real_time_s(), 4), "test_loss": self.loss, "test_accuracy": self.accuracy,
-                      "train_loss": recorder.train_loss(), "during_epoch": running})
+                      "train_loss": recorder.train_loss(), "during_epoch": running,
+                      # memory: the resident set now and the largest sampled in this epoch (a leak grows it)
+                      "rss_mb": round(recorder.rss_mb, 1), "epoch_peak_rss_mb": round(recorder.epoch_peak_rss_mb, 1)})
         if running:  # the staleness so far, for live views (per epoch it is logged by the run loop)
             log_staleness(recorder, during_epoch=True)
         target = self.config.target_accuracy

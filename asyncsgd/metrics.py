@@ -136,6 +136,7 @@ class Recorder:
         # The largest resident set seen at a tick of this run (unlike the process's peak RSS, it does
         # not carry over from earlier runs in the same process).
         self.run_peak_rss_mb = current_rss_mb()
+        self.rss_mb = self.epoch_peak_rss_mb = self.run_peak_rss_mb  # the latest sample; this epoch's largest
         self._bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -184,6 +185,7 @@ class Recorder:
 
     def start_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.epoch_peak_rss_mb = current_rss_mb()
         self._queue_depth = None
         self._epoch_start = self.clock.now()
         self._epoch_real_start = self.clock.real_now()
@@ -237,7 +239,9 @@ class Recorder:
                 self._bar.update(advanced)
                 self._bar.set_postfix(loss=f"{self.losses[-1]:.4f}", samples_s=f"{self.samples / wall:.0f}",
                                       refresh=False)
-        self.run_peak_rss_mb = max(self.run_peak_rss_mb, current_rss_mb())
+        self.rss_mb = current_rss_mb()
+        self.run_peak_rss_mb = max(self.run_peak_rss_mb, self.rss_mb)
+        self.epoch_peak_rss_mb = max(self.epoch_peak_rss_mb, self.rss_mb)
         if self.on_tick is not None:
             self.on_tick()
 
@@ -261,7 +265,7 @@ class Recorder:
         wall = self.wall_time_s()
         record = {"event": "train", "epoch": self.epoch, "step": self.steps, "samples": self.samples,
                   "time_s": wall, "wall_time_s": round(self.real_time_s(), 4), "loss": float(np.mean(self._window)),
-                  "samples_per_s": self.samples / wall if wall > 0 else 0.0}
+                  "samples_per_s": self.samples / wall if wall > 0 else 0.0, "rss_mb": round(self.rss_mb, 1)}
         if self._queue_depth is not None:
             record["queue_depth"] = self._queue_depth
         self.log(record)

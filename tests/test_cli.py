@@ -47,6 +47,10 @@ def test_train_writes_config_metrics_updates_and_summary(tmp_path):
     train_records = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train_records] == list(range(5, 129, 5))
     assert all("queue_depth" in r for r in train_records)
+    # The memory series: a resident size at every logged step, and each epoch's largest beside its evaluation.
+    assert all(r["rss_mb"] > 50 for r in train_records)
+    epochs = [r for r in records if r["event"] == "eval"]
+    assert all(r["epoch_peak_rss_mb"] >= r["rss_mb"] > 50 for r in epochs)
     assert [r["epoch"] for r in records if r["event"] == "eval"] == [0, 1]
     lines = (out / "updates.csv").read_text().splitlines()
     assert lines[0].startswith("stage,version_read,version_commit,staleness") and len(lines) == 1 + 3 * 128
