@@ -183,7 +183,8 @@ def test_config_to_argv_round_trips_every_field(tmp_path):
         residuals="recompute", devices=2, window="device", delay="exp:mean=0.5", averaging_period=3,
         averaging_warmup=5, target_accuracy=0.5, stop_at_target=False, eval_every_steps=11, stage_sync=False,
         checkpoint_every="30s", keep_checkpoints=3, eval_every=2, log_every=3, eval_batch_size=77, watchdog_s=9.0,
-        progress=False, overwrite=True, clock="simulated", profile="h100", sim_tie_seed=5, placement="split")
+        progress=False, overwrite=True, clock="simulated", profile="h100", sim_tie_seed=5, placement="split",
+            staleness_correction="dc,scale", dc_lambda=0.1)
     untouched = {f.name for f in dataclasses.fields(TrainConfig)
                  if getattr(changed, f.name) == getattr(TrainConfig(), f.name)}
     assert not untouched, f"give these fields non-default values: {untouched}"
