@@ -128,7 +128,7 @@ def test_a_simulated_run_is_a_function_of_config_seed_and_profile(tiny_config, t
                                                                   devices):
     config = replace(tiny_config, trainer=trainer, devices=devices, clock="simulated", profile="a100", lr=0.02,
                      forward_threads=2, backward_threads=3, workers=2, max_inflight=2, batch_size=16,
-                     eval_every_steps=8, delay="exp:mean=0.0001")
+                     eval_every_steps=8, delay="exp:mean=0.0001", max_steps=16)
     first, updates_first = _run(config, tiny_data, tmp_path / "a")
     second, updates_second = _run(config, tiny_data, tmp_path / "b")
     assert first["status"] == "complete" and first["clock"] == "simulated" and first["simulated_time_s"] > 0

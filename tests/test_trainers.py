@@ -116,10 +116,10 @@ def tiny_tokens():
 
 
 # ResNet-34 is ResNet-18's basic block, deeper (its construction and size: test_units); ResNet-50's
-# bottleneck runs under pdasgd, whose per-stage units cover every block (the whole-model sync step of
-# the same code runs for ResNet-18).
+# bottleneck units are checked stage by stage against the whole model's gradient in test_units. The
+# trainers' plumbing with batch norm is the same for every ResNet.
 @pytest.mark.parametrize("trainer, model", [("sync", "resnet18"), ("sync", "lstm"), ("pdasgd", "resnet18"),
-                                            ("pdasgd", "resnet50"), ("pdasgd", "lstm")])
+                                            ("pdasgd", "lstm")])
 def test_one_step_of_each_paper_model(tiny_config, tiny_images_rgb, tiny_tokens, model, trainer):
     data = tiny_tokens if model == "lstm" else tiny_images_rgb
     config = replace(tiny_config, trainer=trainer, model=model, max_inflight=0, forward_threads=1,
