@@ -58,6 +58,8 @@ def parse_corrections(text: str) -> frozenset:
     if "none" in names and len(names) > 1:
         raise ValueError(f"{text!r}: 'none' cannot be combined with a correction")
     return frozenset(names) - {"none"}
+
+
 DC_LAMBDA = 0.04  # MXNet's dcasgd default (Zheng et al. use 0.04 for their ImageNet runs)
 STALENESS_EMA = 0.95  # decay of the running mean staleness of `momentum` (about the last 20 updates)
 
@@ -115,6 +117,11 @@ class StalenessMomentumState(NamedTuple):
     count: jax.Array  # updates seen (for the bias correction)
 
 
+def _debiased(mean, count, ema: float = STALENESS_EMA):
+    """A running mean corrected for its zero start (as Adam's moments are): mean / (1 - ema^count)."""
+    return mean / (1.0 - ema ** count)
+
+
 def explicit_momentum(momentum: float, mean_staleness) -> jax.Array:
     """The explicit momentum that keeps the total mean lag at `momentum`'s (module docstring)."""
     mean_staleness = jnp.asarray(mean_staleness, jnp.float32)
@@ -141,7 +148,7 @@ def staleness_momentum(momentum: float, nesterov: bool = False,
         del params, extra
         count = state.count + 1
         mean = ema * state.mean_staleness + (1.0 - ema) * _float_staleness(staleness)
-        s_bar = mean / (1.0 - ema ** count.astype(jnp.float32))
+        s_bar = _debiased(mean, count.astype(jnp.float32), ema)
         mu = explicit_momentum(momentum, s_bar)
         trace = jax.tree_util.tree_map(lambda g, t: g + mu.astype(g.dtype) * t, updates, state.trace)
         if nesterov:
@@ -151,7 +158,6 @@ def staleness_momentum(momentum: float, nesterov: bool = False,
         return out, StalenessMomentumState(trace, mean, count)
 
     return optax.GradientTransformationExtraArgs(init, update)
-
 
 
 def describe(config, opt_states) -> dict:
@@ -177,5 +183,4 @@ def _mean_staleness(opt_state) -> Optional[float]:
         if isinstance(leaf, StalenessMomentumState)]
     if not found or int(found[0].count) == 0:
         return None
-    state = found[0]
-    return float(state.mean_staleness) / (1.0 - STALENESS_EMA ** int(state.count))
+    return float(_debiased(float(found[0].mean_staleness), int(found[0].count)))

@@ -16,6 +16,7 @@ Every arm except the correction itself uses the trainer's default flags (lr, mom
 max-inflight, window and warm-up as `asyncsgd train` picks them). Our numbers are in experiments/README.md.
 """
 
+import dataclasses
 import sys
 import time
 
@@ -27,16 +28,16 @@ QUICK = {"mlp": dict(model="mlp", dataset="fashion_mnist", epochs=3),
          "cnn": dict(model="cnn", dataset="fashion_mnist", epochs=2)}
 FULL = dict(model="resnet18", dataset="cifar10", epochs=30, lr=0.1, schedule="cosine", weight_decay=5e-4)
 DEVICES = (1, 4)
+CHECK_DEVICES = (1, 2, 4)  # --check-defaults
 
 
 def arms(preset: dict, data_dir, devices=DEVICES, corrections=CORRECTIONS) -> list[Arm]:
     """sync, then pdasgd under every correction, on each device count (sync: one device, the reference)."""
     base = TrainConfig(**preset, data_dir=data_dir, progress=False)
-    out = [Arm("sync", TrainConfig(**{**base.to_dict(), "trainer": "sync"}), {"devices": 1, "correction": "-"})]
+    out = [Arm("sync", dataclasses.replace(base, trainer="sync"), {"devices": 1, "correction": "-"})]
     for count in devices:
         for correction in corrections:
-            config = TrainConfig(**{**base.to_dict(), "trainer": "pdasgd", "devices": count,
-                                    "staleness_correction": correction})
+            config = dataclasses.replace(base, trainer="pdasgd", devices=count, staleness_correction=correction)
             out.append(Arm(f"pdasgd {correction} x{count}", config, {"devices": count, "correction": correction}))
     return out
 
@@ -53,7 +54,7 @@ def gaps(lines) -> str:
     return "\n".join(out)
 
 
-def default_arms(preset: dict, data_dir, devices=(1, 2, 4), names=None) -> list[Arm]:
+def default_arms(preset: dict, data_dir, devices=CHECK_DEVICES, names=None) -> list[Arm]:
     """Every trainer with nothing but the model, dataset and length given (`--check-defaults`): the
     staleness correction, lr, max-inflight, window and warm-up are the defaults. ddp's batch is the global
     one and must divide by the device count (the default 128 does for 1, 2, 4)."""
@@ -82,7 +83,8 @@ def main(argv=None) -> int:
     preset = dict(FULL if args.full else QUICK[args.model], max_steps=args.max_steps)
     preset.update({k: v for k, v in (("max_inflight", args.max_inflight), ("schedule", args.schedule))
                    if v is not None})
-    devices = tuple(int(d) for d in (args.devices or ("1,2,4" if args.check_defaults else "1,4")).split(","))
+    devices = (tuple(int(d) for d in args.devices.split(",")) if args.devices
+               else CHECK_DEVICES if args.check_defaults else DEVICES)
     corrections = tuple(c.strip() for c in args.corrections.split(";") if c.strip())
     for correction in corrections:
         try:

@@ -105,13 +105,15 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
     for index in reversed(range(len(names))):
         worker.beat(f"backward stage {names[index]} (item {item.seq})")
         residuals = item.residuals[index]
+        if item.params_read:  # stash mode with dc: the forward pass kept them
+            reads[index] = item.params_read[index]
         if layerwise and view.is_home:
             clock.compute(0, f"backward_update/{names[index]}")
 
             def update(params, opt_state, index=index, residuals=residuals, dy=dy):
-                read = _read_or(item, index, params)  # recompute: the gradient is taken at `params`
                 return units.backward_update[index](params, opt_state, residuals, dy,
-                                                    store.staleness(index, item.versions_read[index]), read)
+                                                    store.staleness(index, item.versions_read[index]),
+                                                    _or_current(reads[index], params))
             commit = store.commit(index, update)
             dy = commit.extra
         else:
@@ -120,14 +122,14 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             params = slot.params if recompute else view.local(index)
             clock.compute(view.index, f"backward/{names[index]}")
             grads[index], dy = units.backward[index](params, residuals, dy)
-            if keep:
-                reads[index] = view.source(index, slot).params if recompute else item.params_read[index]
+            if keep and recompute:  # the gradient was taken at this device's copy of that version
+                reads[index] = view.source(index, slot).params
             last = dy if dy is not None else grads[index]
         if layerwise and not view.is_home:  # the gradient is pushed home and applied to the store there
             pushed = view.to_home(grads[index])
             clock.compute(0, f"update/{names[index]}")
             commit = store.commit(index, lambda p, o, index=index, g=pushed, r=reads[index]: units.update[index](
-                p, o, g, store.staleness(index, item.versions_read[index]), p if r is None else r))
+                p, o, g, store.staleness(index, item.versions_read[index]), _or_current(r, p)))
         if layerwise:
             recorder.committed(index, item.versions_read[index], commit.before.version, worker.name,
                                item.times_read[index])
@@ -140,7 +142,7 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
 
         def update_all(params, opts, states):
             staleness = [store.staleness(index, item.versions_read[index]) for index in range(len(names))]
-            read = [p if r is None else r for p, r in zip(params, reads)]
+            read = [_or_current(r, p) for r, p in zip(reads, params)]
             return (*units.model_update(params, opts, grads, staleness, read), states, None)
         clock.compute(0, "model_update")
         commits = store.commit_all(update_all)
@@ -149,8 +151,7 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
     return last
 
 
-def _read_or(item: WorkItem, index: int, params):
-    """The parameters `item`'s gradient of stage `index` was taken at, where the item kept them (a dc
-    correction in stash mode), else `params`."""
-    kept = item.params_read[index] if item.params_read else None
-    return params if kept is None else kept
+def _or_current(read, params):
+    """The parameters a gradient was taken at where they were kept (a dc correction), else the current
+    ones (nothing reads them then; recompute mode on the home device differentiates at them anyway)."""
+    return params if read is None else read

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional
 
 from asyncsgd.clock import WALL, Clock
@@ -64,10 +65,11 @@ class Session:
         snapshot = self.store.snapshot()
         return ([s.params for s in snapshot], [s.state for s in snapshot])
 
-    @property
+    @functools.cached_property
     def keeps_read_params(self) -> bool:
         """Whether updates need the parameters their gradient was computed at (a `dc` correction):
-        then the trainers keep a reference to them from the read until the commit."""
+        then the trainers keep a reference to them from the read until the commit. (Asked by every
+        pass: parsed once per session.)"""
         return bool(parse_corrections(self.config.staleness_correction) & NEEDS_READ_PARAMS)
 
     def updates_per_stage(self) -> list[int]:
