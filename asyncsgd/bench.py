@@ -23,7 +23,8 @@ from asyncsgd.assemble import build_session
 from asyncsgd.config import TrainConfig, validate
 from asyncsgd.data import synthetic_like
 from asyncsgd.errors import ConfigError
-from asyncsgd.metrics import measure_peak_flops, peak_rss_mb
+from asyncsgd.metrics import current_rss_mb, measure_peak_flops, peak_rss_mb
+from asyncsgd.models import conv
 from asyncsgd.trainers import EpochPlan
 
 
@@ -37,6 +38,7 @@ class _Contender:
         self.run_epoch = trainers.get(config.trainer).run_epoch
         self.next_seq, self.rounds = 0, 0
         self.samples_per_s: list[float] = []
+        self.rss_mb: list[float] = []  # resident memory after each timed round: a leak grows it
         self._run(warmup_steps)  # untimed: first dispatches, thread start-up
 
     def _run(self, steps: int) -> tuple[int, float]:
@@ -53,12 +55,15 @@ class _Contender:
     def time_round(self, steps: int) -> None:
         done, elapsed = self._run(steps)
         self.samples_per_s.append(done * self.config.batch_size / elapsed)
+        self.rss_mb.append(current_rss_mb())
 
     def row(self) -> dict:
         session = self.session
         staleness = session.recorder.staleness()
         return {
             "trainer": self.config.trainer,
+            "residuals": self.config.residuals if session.units.residual_bytes else "",  # "": keeps none
+            "rss_mb_rounds": self.rss_mb,
             "samples_per_s": float(np.median(self.samples_per_s)),
             "samples_per_s_rounds": self.samples_per_s,
             "staleness_mean": max((s["mean"] for s in staleness.values()), default=0.0),
@@ -111,35 +116,75 @@ def unit_timings(config: TrainConfig, repeats: int = 10, session_out: Optional[l
             "forward_s": timed(lambda: units.forward[index](slot.params, slot.state, inputs[index])),
             "backward_update_s": timed(lambda: units.backward_update[index](
                 slot.params, slot.opt_state, residuals[index], douts[index], 0, slot.params)),
+            "forward_flops": units.unit_flops(f"forward/{name}"),
+            "backward_update_flops": units.unit_flops(f"backward_update/{name}"),
         })
     rows.append({"stage": "(all stages)", "forward_s": sum(r["forward_s"] for r in rows),
-                 "backward_update_s": sum(r["backward_update_s"] for r in rows)})
+                 "backward_update_s": sum(r["backward_update_s"] for r in rows),
+                 "forward_flops": sum(r["forward_flops"] for r in rows),
+                 "backward_update_flops": sum(r["backward_update_flops"] for r in rows)})
     params, opts, states = store.params(), store.opt_states(), store.states()
     xb = jnp.asarray(dataset.train_x[: config.batch_size])
     yb = jnp.asarray(dataset.train_y[: config.batch_size])
     rows.append({"stage": "(whole step, sync)", "forward_s": float("nan"),
-                 "backward_update_s": timed(lambda: units.train_step(params, opts, states, xb, yb))})
+                 "backward_update_s": timed(lambda: units.train_step(params, opts, states, xb, yb)),
+                 "forward_flops": float("nan"), "backward_update_flops": units.step_flops(
+                     params, opts, states, config.batch_size)})
     return rows
 
 
+def add_unit_mfu(rows: list[dict], peak_flops: float) -> None:
+    """Each unit's achieved FLOP/s and its fraction of this machine's matmul peak (`*_mfu`), in place."""
+    for row in rows:
+        for kind in ("forward", "backward_update"):
+            seconds, flops = row[f"{kind}_s"], row[f"{kind}_flops"]
+            rate = flops / seconds if seconds > 0 and flops == flops else float("nan")
+            row[f"{kind}_flops_per_s"], row[f"{kind}_mfu"] = rate, rate / peak_flops
+
+
+def _contender_configs(base: TrainConfig, names: Sequence[str], memory: bool) -> list[TrainConfig]:
+    """One config per trainer; with `memory`, trainers that keep residuals once per residual mode."""
+    configs = []
+    for name in names:
+        config = dataclasses.replace(base, trainer=name, progress=False)
+        validate(config)
+        modes = ("stash", "recompute") if memory and "stages" in trainers.get(name).units(config, 1)[0] else ()
+        configs += [dataclasses.replace(config, residuals=mode) for mode in modes] or [config]
+    return configs
+
+
 def bench(base: TrainConfig, names: Sequence[str], steps: int, out: Optional[str] = None,
-          with_units: bool = False, rounds: int = 3) -> dict:
+          with_units: bool = False, rounds: int = 3, peer: Optional[str] = None, memory: bool = False) -> dict:
     """Benchmarks `trainers` side by side and returns rows with ratios to `sync` and MFU.
 
     Every trainer is compiled first; then `rounds` rounds each time `steps` steps of every trainer in
     turn, so slow drifts of a shared machine hit all trainers alike. Reported: the median per trainer.
+
+    Args:
+      peer: "torch": the same model trained synchronously in PyTorch joins the rounds
+        (`asyncsgd.peer`); every row gets its ratio to it.
+      memory: trainers that keep residuals run once per residual mode (stash, recompute); every row
+        reports resident memory after each round, and its growth from the first round to the last.
     """
-    for name in names:
-        validate(dataclasses.replace(base, trainer=name))
     if steps < 1 or rounds < 1:
         raise ConfigError(f"--steps and --rounds must be >= 1, got {steps} and {rounds}")
+    configs = _contender_configs(base, names, memory)
+    peer_class = None
+    if peer is not None:
+        from asyncsgd.peer import make_peer
+        peer_class = make_peer(peer, base.model)
     peak = measure_peak_flops()
-    contenders = [_Contender(dataclasses.replace(base, trainer=name, progress=False), steps, warmup_steps=3)
-                  for name in names]
+    contenders = [_Contender(config, steps, warmup_steps=3) for config in configs]
+    if peer_class is not None:
+        model = contenders[0].session.model
+        contenders.append(peer_class(base.model, model.input_shape, model.num_classes, base.batch_size, base.lr,
+                                     base.momentum, seed=base.seed))
     for _ in range(rounds):
         for contender in contenders:
             contender.time_round(steps)
     rows = [c.row() for c in contenders]
+    for row in rows:
+        row["rss_growth_mb"] = row["rss_mb_rounds"][-1] - row["rss_mb_rounds"][0] if row["rss_mb_rounds"] else 0.0
     # One FLOP count per model and batch, the same for every trainer (DESIGN.md).
     store = contenders[0].session.store
     flops = contenders[0].session.units.step_flops(store.params(), store.opt_states(), store.states(),
@@ -148,15 +193,24 @@ def bench(base: TrainConfig, names: Sequence[str], steps: int, out: Optional[str
         row["flops_per_step"] = flops
         row["mfu"] = flops * row["samples_per_s"] / base.batch_size / peak
     reference = next((r["samples_per_s"] for r in rows if r["trainer"] == "sync"), None)
+    peer_speed = next((r["samples_per_s"] for r in rows if "peer" in r), None)
     for row in rows:
         row["ratio_to_sync"] = row["samples_per_s"] / reference if reference else float("nan")
+        if peer_speed:
+            row["ratio_to_peer"] = row["samples_per_s"] / peer_speed
     result = {"model": base.model, "dataset_shape": base.dataset, "batch_size": base.batch_size,
               "flops_per_example": flops / base.batch_size,
               "stages": len(contenders[0].session.model.stages), "steps": steps, "rounds": rounds,
               "peak_flops": peak, "residuals": base.residuals, "peak_rss_mb": peak_rss_mb(), "rows": rows,
-              "config": dataclasses.asdict(base)}
+              "config": dataclasses.asdict(base),
+              # how each convolution's weight gradient was computed (asyncsgd/models/conv.py), by
+              # (batch, height, width, in channels, out channels, kernel h, kernel w, stride h, stride w)
+              "conv_weight_grad": {"x".join(map(str, key)): form for key, form in sorted(conv.CHOICES.items())}}
+    if peer_speed:
+        result["peer"] = next(r["peer"] for r in rows if "peer" in r)
     if with_units:
         result["units"] = unit_timings(base)
+        add_unit_mfu(result["units"], peak)
     if out:
         _write(out, "bench", result, format_bench(result))
     return result
@@ -231,17 +285,35 @@ def format_bench(result: dict) -> str:
              f"{result['steps']} steps per trainer, "
              f"residuals {result['residuals']}, peak {result['peak_flops'] / 1e9:.0f} GFLOP/s (matmul)",
              "",
-             "| trainer | samples/s | ratio to sync | MFU | staleness mean/max | residual MB/item | rounds (samples/s) |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| trainer | residuals | samples/s | ratio to sync | ratio to peer | MFU | staleness mean/max "
+             "| residual MB/item | RSS MB (growth) | rounds (samples/s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['trainer']} | {r['samples_per_s']:.0f} | {r['ratio_to_sync']:.2f}x | "
-                     f"{100 * r['mfu']:.1f}% | {r['staleness_mean']:.2f}/{r['staleness_max']} | "
-                     f"{r['residual_mb_per_item']:.1f} | {' '.join(f'{v:.0f}' for v in r['samples_per_s_rounds'])} |")
+        to_peer = f"{r['ratio_to_peer']:.2f}x" if "ratio_to_peer" in r else ""
+        rss = f"{r['rss_mb_rounds'][-1]:.0f} ({r['rss_growth_mb']:+.0f})" if r["rss_mb_rounds"] else ""
+        lines.append(f"| {r['trainer']} | {r['residuals']} | {r['samples_per_s']:.0f} | {r['ratio_to_sync']:.2f}x | "
+                     f"{to_peer} | {100 * r['mfu']:.1f}% | {r['staleness_mean']:.2f}/{r['staleness_max']} | "
+                     f"{r['residual_mb_per_item']:.1f} | {rss} | "
+                     f"{' '.join(f'{v:.0f}' for v in r['samples_per_s_rounds'])} |")
+    if "peer" in result:
+        peer = result["peer"]
+        lines += ["", f"peer: {peer['framework']} {peer['version']}, eager, {peer['layout']}, "
+                      f"{peer['threads']} threads, SGD with the same lr and momentum, same batch shape"]
     if "units" in result:
-        lines += ["", "| stage | forward ms | backward+update ms |", "|---|---:|---:|"]
+        lines += ["", "| stage | forward ms | forward GFLOP/s (MFU) | backward+update ms | backward+update GFLOP/s (MFU) |",
+                  "|---|---:|---:|---:|---:|"]
         for u in result["units"]:
-            fwd = "" if u["forward_s"] != u["forward_s"] else f"{1e3 * u['forward_s']:.2f}"
-            lines.append(f"| {u['stage']} | {fwd} | {1e3 * u['backward_update_s']:.2f} |")
+            cells = []
+            for kind in ("forward", "backward_update"):
+                seconds, rate = u[f"{kind}_s"], u.get(f"{kind}_flops_per_s", float("nan"))
+                cells.append("" if seconds != seconds else f"{1e3 * seconds:.2f}")
+                cells.append("" if rate != rate else f"{rate / 1e9:.0f} ({100 * u[f'{kind}_mfu']:.0f}%)")
+            lines.append(f"| {u['stage']} | " + " | ".join(cells) + " |")
+        lines.append(f"MFU: XLA's FLOP count of the unit / its time / the matmul peak "
+                     f"({result['peak_flops'] / 1e9:.0f} GFLOP/s)")
+    if result.get("conv_weight_grad"):
+        lines += ["", "convolution weight gradients (batch x H x W x C_in x C_out x kernel x stride): " + "; ".join(
+            f"{key} {form}" for key, form in result["conv_weight_grad"].items())]
     return "\n".join(lines)
 
 

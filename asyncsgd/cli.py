@@ -196,7 +196,14 @@ def build_parser() -> argparse.ArgumentParser:
            help="comma-separated (default: %(default)s)")
     p.flag(None, "--steps", type=int, default=20, help="timed steps per trainer and round")
     p.flag(None, "--rounds", type=int, default=3, help="interleaved timing rounds (median reported)")
-    p.flag(None, "--unit-times", action="store_true", help="also time each stage's units in isolation")
+    p.flag(None, "--unit-times", action="store_true",
+           help="also time each stage's units in isolation, with their GFLOP/s and MFU")
+    p.flag(None, "--peer", choices=("torch",), default=None,
+           help="also train the same model synchronously in PyTorch in the same rounds (extra [peer]); "
+                "every row gets its ratio to it (models: mlp, cnn, resnet18)")
+    p.flag(None, "--memory", action="store_true",
+           help="trainers that keep residuals run once with stash and once with recompute; resident memory "
+                "after each round and its growth (a leak grows it)")
     p.flag(None, "--models", type=_model_list, default=None,
                    help="instead of comparing trainers: size and time each of these models (comma-separated, "
                         "or 'all') on data shaped like its paper dataset")
@@ -277,7 +284,7 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         from asyncsgd.bench import bench, format_bench
         config = _config_from(args, out=None)  # --dataset only sets the shapes of the synthetic data
         result = bench(config, args.trainers, args.steps, out=args.out, with_units=args.unit_times,
-                       rounds=args.rounds)
+                       rounds=args.rounds, peer=args.peer, memory=args.memory)
         print(format_bench(result))
         return 0
     config = _config_from(args, trainer=getattr(args, "trainer", "sync"))

@@ -46,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from asyncsgd.models.conv import counting_flops
 from asyncsgd.models.staged import StagedModel, cross_entropy
 
 Params = Any
@@ -118,7 +119,8 @@ class Units:
             flops = float("nan")
             if name in self.signatures:
                 try:  # a fresh, uncounted jit of the same function: the unit's own trace count stays 1
-                    cost = jax.jit(self._fns[name]).lower(*self.signatures[name]).cost_analysis()
+                    with counting_flops():
+                        cost = jax.jit(self._fns[name]).lower(*self.signatures[name]).cost_analysis()
                     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
                     flops = float((cost or {}).get("flops", float("nan")))
                 except Exception:  # noqa: BLE001 - e.g. a shard_map without its mesh: no count
@@ -289,7 +291,8 @@ class Units:
         and batch, used for the MFU of every trainer)."""
         x = jax.ShapeDtypeStruct((batch_size, *self.model.input_shape), self.model.input_dtype)
         labels = jax.ShapeDtypeStruct((batch_size,), jnp.int32)
-        lowered = jax.jit(self._train_step).lower(list(params), list(opt_states), list(states), x, labels)
+        with counting_flops():
+            lowered = jax.jit(self._train_step).lower(list(params), list(opt_states), list(states), x, labels)
         cost = lowered.cost_analysis()
         if isinstance(cost, (list, tuple)):
             cost = cost[0] if cost else {}

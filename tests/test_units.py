@@ -9,7 +9,8 @@ import pytest
 from jax import lax
 
 from asyncsgd.models import cross_entropy, get_model
-from asyncsgd.models.conv import conv2d, same_padding
+from asyncsgd.models.conv import (CHOICES as conv_choices, CHUNK_BYTES, conv2d, counting_flops, same_padding,
+                                  weight_grad, weight_grad_chunk)
 from asyncsgd.units import Units
 
 
@@ -145,10 +146,11 @@ def test_residual_modes_agree_on_the_fused_update():
     chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("shape", [(9, 2, 4, 3, 1), (28, 8, 16, 3, 2), (8, 4, 8, 1, 2), (7, 3, 5, 3, 2)])
+@pytest.mark.parametrize("shape", [(2, 9, 2, 4, 3, 1), (2, 28, 8, 16, 3, 2), (2, 8, 4, 8, 1, 2), (2, 7, 3, 5, 3, 2),
+                                   (64, 32, 16, 16, 3, 1), (32, 56, 16, 32, 3, 2)])
 def test_conv2d_matches_lax_value_and_gradients(shape):
-    size, in_c, out_c, kernel, stride = shape
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, size, size, in_c))
+    batch, size, in_c, out_c, kernel, stride = shape
+    x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, in_c))
     w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, in_c, out_c))
     padding = (same_padding(size, kernel, stride),) * 2
 
@@ -160,8 +162,45 @@ def test_conv2d_matches_lax_value_and_gradients(shape):
         return jnp.sum(jnp.sin(y))
 
     np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5)
-    chex.assert_trees_all_close(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w),
-                                rtol=1e-4, atol=1e-4)
+    # float32 sums over batch x positions: compared to the gradient's own scale
+    ours_grads, reference_grads = jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)
+    for mine, theirs in zip(ours_grads, reference_grads):
+        chex.assert_trees_all_close(mine, theirs, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(theirs))))
+    out_size = -(-size // stride)
+    chunk = weight_grad_chunk(batch, (out_size, out_size), (kernel, kernel), in_c, out_c)
+    expected = "whole batch" if chunk == batch else f"chunks of {chunk}"
+    assert conv_choices[(batch, size, size, in_c, out_c, kernel, kernel, stride, stride)] == expected
+
+
+def test_weight_grad_chunks_fit_the_budget_and_divide_the_batch():
+    # 32x32 maps, 64 -> 64 channels, 3x3 (ResNet-18's first group): 2.6 MB a picture -> 2 a chunk
+    assert weight_grad_chunk(128, (32, 32), (3, 3), 64, 64) == 2
+    assert weight_grad_chunk(128, (28, 28), (3, 3), 32, 32) == 4  # 1.0 MB a picture
+    assert weight_grad_chunk(96, (28, 28), (3, 3), 32, 32) == 6  # the largest divisor of 96 that fits
+    assert weight_grad_chunk(128, (4, 4), (3, 3), 512, 512) == 128  # 16 positions: the whole batch
+    assert weight_grad_chunk(8, (28, 28), (3, 3), 32, 32) == 8  # 2 chunks only: the whole batch
+    assert weight_grad_chunk(127, (28, 28), (3, 3), 32, 32) == 1  # a prime batch: one picture a chunk
+    for batch in (1, 7, 64, 100, 128):
+        chunk = weight_grad_chunk(batch, (14, 14), (3, 3), 64, 64)
+        assert batch % chunk == 0 and (chunk == batch or chunk * 196 * 640 * 4 <= CHUNK_BYTES)
+
+
+def test_flop_counts_see_every_chunk_of_the_weight_gradient():
+    # XLA's cost analysis counts a loop body once: the FLOP count must trace the loop-free form.
+    x = jax.ShapeDtypeStruct((64, 32, 32, 16), jnp.float32)
+    dy = jax.ShapeDtypeStruct((64, 32, 32, 16), jnp.float32)
+    assert weight_grad_chunk(64, (32, 32), (3, 3), 16, 16) == 8
+
+    def flops():
+        lowered = jax.jit(lambda x, dy: weight_grad(x, dy, (3, 3), (1, 1), ((1, 1), (1, 1)))).lower(x, dy)
+        cost = lowered.cost_analysis()
+        return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
+    products = 2 * 64 * 32 * 32 * 9 * 16 * 16  # one multiply-add per position, offset and channel pair
+    with counting_flops():
+        counted = flops()
+    assert products <= counted < 1.05 * products
+    assert flops() < counted / 4  # the looped form, as XLA counts it: why the context exists
 
 
 def test_cross_entropy_is_mean_over_batch():
