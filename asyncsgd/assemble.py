@@ -92,7 +92,16 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
     units = Units(model, make_optimizer(config, total_steps), config.residuals)
     devices = simulated_devices(config.devices) if clock.simulated else run_devices(config.devices)
     params, states = model.init(jax.random.PRNGKey(config.seed))
-    store = ParamStore(model.stage_names, params, units.init_opt_states(params), states)
+    real = list(dict.fromkeys(devices))  # simulated devices share one real device
+    if len(real) > 1:
+        # Committed to the home device from the start, as every array a transfer makes is: a compiled
+        # unit is specialised to whether its inputs are committed, so a store that became committed at
+        # its first pushed update would recompile every unit inside the worker threads (holding the GIL).
+        params, states = jax.device_put((params, states), real[0])
+    opt_states = units.init_opt_states(params)
+    if len(real) > 1:  # optax makes its step counts afresh (uncommitted): they go home too
+        opt_states = jax.device_put(opt_states, real[0])
+    store = ParamStore(model.stage_names, params, opt_states, states)
     kwargs = dict(writer=None, progress=False, desc=config.trainer, log_every=config.log_every)
     kwargs.update(recorder_kwargs or {})
     recorder = Recorder(model.stage_names, config.batch_size, total_steps, clock=clock, **kwargs)
@@ -103,7 +112,6 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
                                   model_view=prepared.model_view)
     every, home = ((tuple(unit_groups), ()) if unit_groups is not None else spec.units(config, len(devices)))
     trees = (store.params(), store.opt_states(), store.states())
-    real = list(dict.fromkeys(devices))  # simulated devices share one real device
     if every:
         units.warmup(*trees, config.batch_size, groups=every, devices=real if len(real) > 1 else None)
     units.warmup(*trees, config.batch_size, eval_batch_size(config, dataset), groups=home)

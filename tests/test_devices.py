@@ -226,7 +226,9 @@ def test_target_accuracy_stops_the_run_and_records_the_time(tiny_config, tiny_da
     with open(f"{config.out}/metrics.jsonl", encoding="utf-8") as handle:
         evals = [r for r in map(json.loads, handle) if r["event"] == "eval"]
     assert any(r["during_epoch"] for r in evals)
-    assert len(evals) >= 2 and evals[-1]["test_accuracy"] >= 0.85  # stopped at the first eval to reach it
+    # stopped at the first eval to reach it (how many came before depends on how fast the workers ran
+    # between the coordinator's ticks: without compilation stalls, often none)
+    assert evals and evals[-1]["test_accuracy"] >= 0.85
     assert all(r["test_accuracy"] < 0.85 for r in evals[:-1])
 
 
@@ -287,3 +289,28 @@ def test_device_windows_let_the_fast_device_run_ahead_of_a_straggler(tiny_config
     per_device = config.max_inflight + 1 if trainer == "pdasgd" else max(config.workers, config.max_inflight + 1)
     assert result.window_size == per_device and result.peak_inflight <= per_device  # one window per device
     assert trainers.get(trainer).staleness_bound(config) is None
+
+
+@pytest.mark.parametrize("trainer, devices", [("pdasgd", 1), ("pdasgd", 3), ("dasgd", 2), ("hogwild", 2),
+                                              ("lapsgd", 2), ("lppsgd", 2)])
+def test_nothing_compiles_once_the_workers_run(tiny_config, tiny_data, trainer, devices):
+    # Compiling holds the GIL: a unit compiled inside the workers stalls every thread (DESIGN.md). A
+    # unit is compiled for whether its inputs are committed to a device, so the warm-up must see the
+    # placements the run will use; this counts XLA compilations from the first batch to the last.
+    from jax._src import dispatch, monitoring
+    config = replace(tiny_config, trainer=trainer, devices=devices, forward_threads=1, backward_threads=2,
+                     workers=2, max_inflight=1, batch_size=8, lr=0.02)
+    session, _ = build_session(config, tiny_data.normalized())
+    compiled = []
+
+    def listen(event, seconds, **kwargs):
+        if event == dispatch.BACKEND_COMPILE_EVENT:
+            compiled.append(seconds)
+
+    monitoring.register_event_duration_secs_listener(listen)
+    try:
+        trainers.get(trainer).run_epoch(session, trainers.EpochPlan(0, 0, 12))
+    finally:
+        monitoring.unregister_event_duration_listener(listen)
+    assert session.recorder.steps == 12
+    assert compiled == [], f"{len(compiled)} compilations while the workers ran"

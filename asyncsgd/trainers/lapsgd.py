@@ -111,7 +111,7 @@ def _prepare(session: Session, partial: bool) -> Prepared:
         labels = jnp.zeros((config.batch_size,), jnp.int32)
         for index, (device, replica) in enumerate(zip(session.devices, replicas)):
             params, opts, states = replica.params(), replica.opt_states(), replica.states()
-            x, y = jax.device_put((x0, labels), device) if index else (x0, labels)
+            x, y = session.views[index].put((x0, labels))  # as the workers will place their batches
             outputs.append(kit.shift((params, states), (params, states), (params, states)))
             for (first, end), partial_grad in zip(slices, kit.partial_grad):
                 grads, _, _ = partial_grad(params, states, x, y)
@@ -166,7 +166,7 @@ def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, devic
         batch = worker.get(epoch.batches)
         ticket = window.acquire(worker, device, batch.seq)
         worker.beat(f"gradient (item {batch.seq})")
-        x, y = (batch.x, batch.y) if device == 0 else jax.device_put((batch.x, batch.y), here)
+        x, y = session.views[device].put((batch.x, batch.y))  # the placements the units were compiled for
         slots = [store.read(stage) for stage in range(len(store))]
         t_read = clock.now()
         params, states = [s.params for s in slots], [s.state for s in slots]

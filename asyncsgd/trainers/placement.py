@@ -39,6 +39,9 @@ class DeviceView:
         self.device = devices[index]
         self.home = devices[0]
         self.is_home = index == 0
+        # Several real devices: every array is committed to one (the store starts so, see assemble.py),
+        # batches included, so each unit runs with the placements it was compiled for.
+        self._commit_batches = len(set(devices)) > 1
         self._copies: list[Optional[Slot]] = [None] * len(store)
         self._sources: list[Optional[Slot]] = [None] * len(store)
         self._lock = threading.Lock()
@@ -88,5 +91,6 @@ class DeviceView:
         return jax.device_put(tree, self.home)
 
     def put(self, tree: Any) -> Any:
-        """Places host or home arrays (a batch) on this device (a no-op on home)."""
-        return tree if self.is_home else jax.device_put(tree, self.device)
+        """Places host or home arrays (a batch) on this device (on home: commits them there, no copy;
+        a no-op with one real device)."""
+        return jax.device_put(tree, self.device) if self._commit_batches else tree
