@@ -188,6 +188,11 @@ def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_s
         "devices": len(session.devices), "delay": str(session.delay),
         "averaging_rounds": totals.averaging_rounds,
         "pulls_per_device": [view.pulls for view in session.views],
+        # bytes between devices (home's views move none): stage copies pulled and gradients pushed
+        "pull_bytes_per_device": [view.pull_bytes for view in session.views],
+        "push_bytes_per_device": [view.push_bytes for view in session.views],
+        "bytes_moved_per_sample": (sum(view.pull_bytes + view.push_bytes for view in session.views)
+                                   / max(recorder.samples, 1)),
         "delay_slept_s": [round(s, 4) for s in (totals.delay_slept_s or [0.0] * max(1, len(session.devices)))],
         # The most items in flight at once (their residuals are what a run holds beyond the model).
         "peak_inflight_items": totals.peak_inflight,

@@ -22,6 +22,7 @@ from asyncsgd.delays import DelaySpec, DeviceDelay, parse_delay
 from asyncsgd.run import train
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.lapsgd import average_copies, averaging_due, lpp_slices
+from asyncsgd.units import tree_nbytes
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -69,6 +70,15 @@ def test_multi_device_async_loses_no_update_and_respects_the_bound(tiny_config, 
     assert {u.worker.rsplit("@", 1)[1] for u in recorder.updates} == {"0", "1", "2"}
     assert session.views[0].pulls == 0 and min(v.pulls for v in session.views[1:]) > 0
     assert session.units.max_trace_count() == 1
+    # Bytes between devices: home moves none; a pull copies one stage's parameters; with layer-wise
+    # commits each update a non-home device made pushed exactly that stage's gradient home.
+    stage_bytes = [tree_nbytes(params) for params in store.params()]
+    assert session.views[0].pull_bytes == session.views[0].push_bytes == 0
+    for device, view in enumerate(session.views[1:], start=1):
+        assert view.pulls * min(stage_bytes) <= view.pull_bytes <= view.pulls * max(stage_bytes)
+        if trainer == "pdasgd":
+            mine = [u for u in recorder.updates if u.worker.endswith(f"@{device}")]
+            assert view.push_bytes == sum(stage_bytes[u.stage] for u in mine) > 0
 
 
 @pytest.mark.parametrize("trainer", ["pdasgd", "hogwild", "ddp", "lapsgd", "lppsgd"])

@@ -46,6 +46,8 @@ class DeviceView:
         self._sources: list[Optional[Slot]] = [None] * len(store)
         self._lock = threading.Lock()
         self.pulls = 0  # stage copies made (version moved since the last copy)
+        self.pull_bytes = 0  # bytes those copies moved from home to this device
+        self.push_bytes = 0  # bytes this device sent home (gradients, batch-norm statistics)
 
     def read(self, stage: int) -> Slot:
         """The store's current slot of `stage`, with params and state on this device."""
@@ -55,12 +57,14 @@ class DeviceView:
         copy = self._copies[stage]
         source = self._sources[stage]
         if copy is None or source.version != slot.version or source.state_version != slot.state_version:
-            self.clock.transfer(0, tree_nbytes((slot.params, slot.state)))  # home sends the stage
+            nbytes = tree_nbytes((slot.params, slot.state))
+            self.clock.transfer(0, nbytes)  # home sends the stage
             params, state = jax.device_put((slot.params, slot.state), self.device)
             copy = slot._replace(params=params, state=state, opt_state=None)
             with self._lock:
                 self._copies[stage], self._sources[stage] = copy, slot
                 self.pulls += 1
+                self.pull_bytes += nbytes
         return copy
 
     def source(self, stage: int, copy: Slot) -> Slot:
@@ -87,7 +91,10 @@ class DeviceView:
         """Sends arrays computed here to the home device (a no-op on home)."""
         if self.is_home:
             return tree
-        self.clock.transfer(self.index, tree_nbytes(tree))
+        nbytes = tree_nbytes(tree)
+        self.clock.transfer(self.index, nbytes)
+        with self._lock:
+            self.push_bytes += nbytes
         return jax.device_put(tree, self.home)
 
     def put(self, tree: Any) -> Any:
