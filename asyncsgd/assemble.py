@@ -72,7 +72,8 @@ def _bind_device_model(session: Session) -> None:
 
 
 def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Optional[dict] = None,
-                  unit_groups: Optional[tuple[str, ...]] = None, clock: Optional[Clock] = None) -> tuple[Session, int]:
+                  unit_groups: Optional[tuple[str, ...]] = None, clock: Optional[Clock] = None,
+                  spec=None) -> tuple[Session, int]:
     """Model, optimiser, compiled units (compiled here, before any thread), the store and the trainer's
     preparation.
 
@@ -81,16 +82,20 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
       recorder_kwargs: passed to `Recorder` (writer, log_every, progress, desc); default: no outputs.
       unit_groups: the units to compile (default: those the trainer's spec asks for).
       clock: the run's clock (default: the one `config.clock` names).
+      spec: the trainer spec to prepare (default: `config.trainer`'s; a Ray run passes its own).
     Returns:
       The session and the number of steps the run plans.
     """
-    spec = trainers.get(config.trainer)
+    spec = trainers.get(config.trainer) if spec is None else spec
     clock = make_clock(config) if clock is None else clock
     model = get_model(config.model, dataset.input_shape, dataset.num_classes, norm=config.norm,
                       vocab_size=dataset.vocab_size)
     total_steps = planned_steps(config, dataset)
     units = Units(model, make_optimizer(config, total_steps), config.residuals)
-    devices = simulated_devices(config.devices) if clock.simulated else run_devices(config.devices)
+    if clock.simulated:
+        devices = simulated_devices(config.devices)
+    else:  # a Ray run's devices are its worker actors; the driver evaluates on one
+        devices = run_devices(1 if config.backend == "ray" else config.devices)
     params, states = model.init(jax.random.PRNGKey(config.seed))
     real = list(dict.fromkeys(devices))  # simulated devices share one real device
     if len(real) > 1:

@@ -15,7 +15,7 @@ import sys
 from typing import Optional, Sequence
 
 from asyncsgd import trainers
-from asyncsgd.config import (CIFAR100_LABELS, CLOCKS, DATASETS, MODELS, NORMS, OPTIMIZERS, PLACEMENTS,
+from asyncsgd.config import (BACKENDS, CIFAR100_LABELS, CLOCKS, DATASETS, MODELS, NORMS, OPTIMIZERS, PLACEMENTS,
                              RESIDUAL_MODES, SCHEDULES, WINDOW_SCOPES, TrainConfig)
 from asyncsgd.errors import RUNTIME_ERRORS, USAGE_ERRORS, ConfigError
 from asyncsgd.staleness import CORRECTIONS
@@ -143,6 +143,13 @@ def _add_schedule_flags(parser: _Parser, d: TrainConfig) -> None:
     parser.flag(g, "--sim-tie-seed", type=int, default=None,
                 help="with --clock simulated: shuffle the order of simultaneous events with this seed "
                      "(default: device, then worker order)")
+    g = parser.add_argument_group("backend")
+    parser.flag(g, "--backend", choices=BACKENDS, default=d.backend,
+                help="local: worker threads in this process; ray: a worker actor per --devices and stage-server "
+                     "actors holding the parameters, on Ray (extra [ray]; pdasgd; docs/usage.md, 'On Ray')")
+    parser.flag(g, "--ray-address", default=None,
+                help="with --backend ray: join this cluster (auto: the one 'ray start --head' started here); "
+                     "default: start a local Ray instance bound to 127.0.0.1")
     g = parser.add_argument_group("run")
     parser.flag(g, "--seed", type=int, default=d.seed)
     parser.flag(g, "--out", default=None, help="output directory (default runs/<trainer>-<model>-<dataset>)")
@@ -260,11 +267,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         explicit = _explicit(parser, "train", argv) - {"resume"}
         config = resume_config(args.resume, {name: getattr(args, name) for name in explicit})
         from asyncsgd.devices import request_cpu_devices
-        request_cpu_devices(config.devices)
+        request_cpu_devices(1 if config.backend == "ray" else config.devices)
         from asyncsgd.run import train
         return _report(train(config, resume=True), config)
     from asyncsgd.devices import request_cpu_devices
-    request_cpu_devices(args.devices)  # before anything starts JAX's backend
+    # before anything starts JAX's backend; a Ray run's devices are its worker actors
+    request_cpu_devices(1 if getattr(args, "backend", "local") == "ray" else args.devices)
     if args.command == "bench" and args.models:
         from asyncsgd.bench import format_model_table, model_table
         config = _config_from(args, out=None)

@@ -25,6 +25,7 @@ TEXT_DATASETS = ("imdb", "synthetic_text")
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine")
 RESIDUAL_MODES = ("stash", "recompute")
+BACKENDS = ("local", "ray")
 CLOCKS = ("wall", "simulated")
 PLACEMENTS = ("replicated", "split")
 WINDOW_SCOPES = ("global", "device")
@@ -111,6 +112,11 @@ class TrainConfig:
     clock: str = "wall"
     profile: Optional[str] = None
     sim_tie_seed: Optional[int] = None
+    # Where the workers run: "local" (threads of this process) or "ray" (a worker actor per device and
+    # stage-server actors holding the parameters, on a Ray cluster: see asyncsgd/cluster/). With "ray",
+    # `ray_address` joins a running cluster ("auto", or host:port); None starts a local Ray instance.
+    backend: str = "local"
+    ray_address: Optional[str] = None
     # Checkpoints: every N steps ("500") or seconds ("30s"), None: only on Ctrl+C / SIGTERM; keep the last K.
     checkpoint_every: Optional[str] = None
     keep_checkpoints: int = 2
@@ -218,5 +224,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     _require(config.log_every >= 1, f"--log-every must be >= 1, got {config.log_every}")
     _require(config.eval_batch_size >= 1, f"--eval-batch-size must be >= 1, got {config.eval_batch_size}")
     _require(config.watchdog_s > 0, f"--watchdog must be > 0 seconds, got {config.watchdog_s}")
+    _choice("backend", config.backend, BACKENDS)
+    _require(config.backend == "ray" or config.ray_address is None, "--ray-address needs --backend ray")
     trainers.check(config)
+    if config.backend == "ray":
+        from asyncsgd.cluster import check as check_ray  # the Ray backend's own rules (Ray not imported)
+        check_ray(config)
     return config

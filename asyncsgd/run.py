@@ -90,10 +90,13 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
     if resume and config.out is None:
         raise ConfigError("--resume needs the run's output directory")
     spec = trainers.get(config.trainer)
+    if config.backend == "ray":  # the same trainer, its epochs on Ray worker actors
+        from asyncsgd.cluster import ray_spec
+        spec = ray_spec(spec)
     dataset = prepare_dataset(config, dataset)
     out = outputs.prepare_out_dir(config, resume)
     writer = outputs.JsonlWriter(os.path.join(out, "metrics.jsonl") if out else None)
-    session, total_steps = build_session(config, dataset, dict(writer=writer, progress=config.progress))
+    session, total_steps = build_session(config, dataset, dict(writer=writer, progress=config.progress), spec=spec)
     recorder = session.recorder
     per_epoch = steps_per_epoch(len(dataset.train_y), config.batch_size)
     flops_per_step = session.units.step_flops(session.store.params(), session.store.opt_states(),
@@ -129,10 +132,15 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
         raise
     finally:
         recorder.close()
+        try:
+            extra = spec.summary(session)
+        finally:
+            spec.finish(session)  # a Ray run's actors stop here, whatever happened
         summary = outputs.summary(session, spec, status, tests, totals,
                                   flops_per_step=flops_per_step, peak_flops=peak_flops,
                                   resumed_from=start if resume else None, checkpoint_path=saver.last_path,
                                   diverged=diverged)
+        summary.update(extra)
         if out:
             outputs.write_updates(os.path.join(out, "updates.csv"), recorder)
             outputs.write_json(os.path.join(out, "summary.json"), summary)

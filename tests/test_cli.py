@@ -184,7 +184,7 @@ def test_config_to_argv_round_trips_every_field(tmp_path):
         averaging_warmup=5, target_accuracy=0.5, stop_at_target=False, eval_every_steps=11, stage_sync=False,
         checkpoint_every="30s", keep_checkpoints=3, eval_every=2, log_every=3, eval_batch_size=77, watchdog_s=9.0,
         progress=False, overwrite=True, clock="simulated", profile="h100", sim_tie_seed=5, placement="split",
-            staleness_correction="dc,scale", dc_lambda=0.1)
+            staleness_correction="dc,scale", dc_lambda=0.1, backend="ray", ray_address="auto")
     untouched = {f.name for f in dataclasses.fields(TrainConfig)
                  if getattr(changed, f.name) == getattr(TrainConfig(), f.name)}
     assert not untouched, f"give these fields non-default values: {untouched}"

@@ -86,7 +86,7 @@ def augment_batch(dataset: Dataset, x: np.ndarray, seed: int, seq: int) -> np.nd
 
 def iterate_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, first_seq: int,
                     max_batches: Optional[int] = None, augment: bool = False,
-                    skip: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+                    skip: int = 0, shard: tuple[int, int] = (0, 1)) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
     """Yields `(seq, x, y)` NumPy batches of one epoch in seeded order (augmented if `augment`).
 
     Args:
@@ -94,25 +94,28 @@ def iterate_batches(dataset: Dataset, batch_size: int, seed: int, epoch: int, fi
       max_batches: yield at most this many.
       skip: start at this batch of the epoch (a resumed run): the batches and their augmentation are
         those an uninterrupted run would have had at the same place.
+      shard: `(position, count)`: of those batches only every count-th, from the position-th (one
+        worker's share when `count` workers split them); seqs stay consecutive from `first_seq`.
     """
     order = epoch_order(len(dataset.train_y), seed, epoch)
     end = steps_per_epoch(len(order), batch_size)
     if max_batches is not None:
         end = min(end, skip + max_batches)
-    for index in range(skip, end):
+    position, count = shard
+    for seq, index in enumerate(range(skip + position, end, count), start=first_seq):
         idx = np.sort(order[index * batch_size:(index + 1) * batch_size])
         x = dataset.train_x[idx]
-        seq = first_seq + index - skip
         if augment:
             x = augment_batch(dataset, x, seed, seq)
         yield seq, x, dataset.train_y[idx]
 
 
 def prefetch_worker(worker, dataset: Dataset, batch_size: int, seed: int, epoch: int, first_seq: int,
-                    max_batches: Optional[int], out, augment: bool = False, placement=None, skip: int = 0) -> None:
+                    max_batches: Optional[int], out, augment: bool = False, placement=None, skip: int = 0,
+                    shard: tuple[int, int] = (0, 1)) -> None:
     """Worker body: gathers (and augments) batches on the host, copies them to the device (or the
     sharding `placement`; default: the default device), feeds `out`."""
-    for seq, x, y in iterate_batches(dataset, batch_size, seed, epoch, first_seq, max_batches, augment, skip):
+    for seq, x, y in iterate_batches(dataset, batch_size, seed, epoch, first_seq, max_batches, augment, skip, shard):
         worker.beat(f"preparing batch {seq}")
         worker.put(out, Batch(seq, epoch, jax.device_put(x, placement), jax.device_put(y, placement)))
 

@@ -26,6 +26,9 @@ class EpochPlan:
     first_seq: int
     max_batches: Optional[int] = None
     skip: int = 0  # batches of the epoch already done (a resumed run starts after them)
+    # (position, count): only every count-th of those batches (one Ray worker's share); their seqs
+    # are consecutive from first_seq
+    shard: tuple = (0, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +103,11 @@ class TrainerSpec:
       prepare: `(session) -> Prepared`, once per run before any thread (also before a checkpoint is
         restored): per-device copies, meshes, the trainer's own compiled units (through `units.jit`).
       staleness_bound: `(config) -> int | None`, the largest staleness its window allows (None: no bound).
+      backends: the `--backend` values it runs ("ray": its epochs can go to Ray worker actors; see
+        asyncsgd/cluster/).
+      summary: `(session) -> dict`, fields it adds to summary.json (the Ray backend: its workers).
+      finish: `(session) -> None`, once at the end of the run whatever happened (stops what `prepare`
+        started outside this process).
     """
 
     name: str
@@ -113,3 +121,6 @@ class TrainerSpec:
     check: Callable[[Any], None] = _no_checks
     prepare: Callable[[Any], Prepared] = _nothing_to_prepare
     staleness_bound: Callable[[Any], Optional[int]] = _no_staleness
+    backends: tuple[str, ...] = ("local",)
+    summary: Callable[[Any], dict] = lambda session: {}
+    finish: Callable[[Any], None] = lambda session: None

@@ -125,12 +125,15 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             if keep and recompute:  # the gradient was taken at this device's copy of that version
                 reads[index] = view.source(index, slot).params
             last = dy if dy is not None else grads[index]
-        if layerwise and not view.is_home:  # the gradient is pushed home and applied to the store there
+        if layerwise and view.remote:  # a Ray worker: the stage's server applies it (asyncsgd/cluster)
+            view.push(index, grads[index], item.versions_read[index], worker.name, item.times_read[index])
+            last = dy if dy is not None else grads[index]
+        elif layerwise and not view.is_home:  # the gradient is pushed home and applied to the store there
             pushed = view.to_home(grads[index])
             clock.compute(0, f"update/{names[index]}")
             commit = store.commit(index, lambda p, o, index=index, g=pushed, r=reads[index]: units.update[index](
                 p, o, g, store.staleness(index, item.versions_read[index]), _or_current(r, p)))
-        if layerwise:
+        if layerwise and not view.remote:  # a server records its own updates
             recorder.committed(index, item.versions_read[index], commit.before.version, worker.name,
                                item.times_read[index])
             last = dy if dy is not None else commit.after.params

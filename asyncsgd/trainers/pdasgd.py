@@ -161,9 +161,10 @@ SPEC = TrainerSpec(
     check=_check,
     placements=("replicated", "split"),
     staleness_bound=staleness_bound,
+    backends=("local", "ray"),  # layer-wise pushes to stage servers (asyncsgd/cluster/)
 )
 
 DASGD_SPEC = dataclasses.replace(
-    SPEC, name="dasgd", run_epoch=run_dasgd, units=_units("stages_split"),
+    SPEC, name="dasgd", run_epoch=run_dasgd, units=_units("stages_split"), backends=("local",),
     description="the same threads, but the whole model is committed after the full backward (the paper's "
                 "block-update ablation)")

@@ -32,6 +32,8 @@ class DeviceView:
       clock: the run's clock; pulls are charged to the home device's link, pushes to this device's.
     """
 
+    remote = False  # a Ray worker's view of the stage servers is (asyncsgd/cluster/worker.py)
+
     def __init__(self, store: ParamStore, devices: list, index: int, clock: Clock = WALL):
         self.store = store
         self.clock = clock

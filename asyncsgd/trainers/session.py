@@ -96,7 +96,7 @@ class Epoch:
         self._delays: list[DeviceDelay] = []
         self.crew.spawn("prefetch", prefetch_worker, session.dataset, config.batch_size, config.seed, plan.epoch,
                         plan.first_seq, plan.max_batches, self.batches, config.augment, placement, plan.skip,
-                        closes=[self.batches])
+                        plan.shard, closes=[self.batches])
 
     def delay(self, worker, device: int, index: int = 0) -> DeviceDelay:
         """The delays of one worker (its own seeded generator; sleeps pass on the run's clock and end

@@ -1,0 +1,126 @@
+"""Stage servers: the layer-wise parameter server, one Ray actor per group of stages.
+
+A server holds, for each of its stages, the same `Slot` the local `ParamStore` holds (version,
+parameters, optimiser state) in a `ParamStore` of its own, and applies pushed gradients with the
+stage's compiled `update` unit under that store's commit rule. It is a plain class here; the backend
+wraps it with `ray.remote` (so importing this module needs no Ray).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+
+from asyncsgd.config import TrainConfig
+from asyncsgd.models import get_model
+from asyncsgd.optim import make_optimizer
+from asyncsgd.store import ParamStore
+from asyncsgd.units import Units
+
+
+def split_stages(sizes: Sequence[int], servers: int) -> list[list[int]]:
+    """Contiguous groups of stage indices, at most `servers` of them, of about equal total size."""
+    servers = max(1, min(servers, len(sizes)))
+    total, groups, current, done = float(sum(sizes)), [], [], 0.0
+    for index, size in enumerate(sizes):
+        current.append(index)
+        done += size
+        remaining_groups = servers - len(groups) - 1
+        remaining_stages = len(sizes) - index - 1
+        if remaining_groups and (done >= total * (len(groups) + 1) / servers or remaining_stages == remaining_groups):
+            groups.append(current)
+            current = []
+    if current:
+        groups.append(current)
+    return groups
+
+
+class StageServer:
+    """Versioned parameters and optimiser state of `stages`; applies pushed gradients.
+
+    Args:
+      config: the run's configuration, as a dict (`dataclasses.asdict(TrainConfig)`).
+      shapes: `input_shape`, `num_classes`, `vocab_size` of the data and the run's `total_steps`.
+      stages: the model's stage indices this server holds.
+      slots: per stage `(version, params, opt_state)` as NumPy trees (the driver's initial or restored store).
+      t0: the driver's `time.time()` at the start (update times are seconds since then).
+    """
+
+    def __init__(self, config: dict, shapes: dict, stages: Sequence[int], slots: Sequence[tuple], t0: float):
+        config = TrainConfig(**config)
+        model = get_model(config.model, tuple(shapes["input_shape"]), shapes["num_classes"], norm=config.norm,
+                          vocab_size=shapes["vocab_size"])
+        self.units = Units(model, make_optimizer(config, shapes["total_steps"]), config.residuals)
+        self.stages = list(stages)
+        self.names = [model.stage_names[stage] for stage in self.stages]
+        self.t0 = t0
+        self.store = ParamStore(self.names, [jax.device_put(s[1]) for s in slots],
+                                [jax.device_put(s[2]) for s in slots])
+        self.store.load([s[0] for s in slots], self.store.params(), self.store.opt_states(),
+                        self.store.states(), [0] * len(slots))
+        self._refs: dict[int, tuple[int, Any]] = {}  # local index -> (version, object ref of its params)
+        self._updates: list[tuple] = []
+        for local, stage in enumerate(self.stages):  # compile before the first push
+            slot = self.store.read(local)
+            jax.block_until_ready(self.units.update[stage](slot.params, slot.opt_state, slot.params, 0, slot.params))
+
+    def info(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "stages": self.names}
+
+    def pull(self, stage: int, have_version: int):
+        """`None` when `have_version` is the stage's version, else `(version, ref)`: an object ref of
+        the stage's parameters as NumPy arrays, put in the object store once per version."""
+        import ray
+        local = self.stages.index(stage)
+        slot = self.store.read(local)
+        if slot.version == have_version:
+            return None
+        cached = self._refs.get(local)
+        if cached is None or cached[0] != slot.version:
+            cached = (slot.version, ray.put(jax.device_get(slot.params)))
+            self._refs[local] = cached
+        return cached
+
+    def push(self, stage: int, grads: Any, version_read: int, worker: str, t_read: float) -> int:
+        """Applies one gradient of `stage`, computed from `version_read`; returns the version it was
+        applied to (staleness = that minus `version_read`)."""
+        local = self.stages.index(stage)
+        grads = jax.device_put(grads)
+        update = self.units.update[stage]
+        commit = self.store.commit(local, lambda params, opt_state: update(
+            params, opt_state, grads, self.store.staleness(local, version_read), params))
+        version = commit.before.version
+        self._updates.append((stage, version_read, version, worker, t_read, time.time() - self.t0))
+        return version
+
+    def load(self, slots: Sequence[tuple]) -> None:
+        """Replaces its stages with `(stage, version, params, opt_state)` (a resumed run's checkpoint)."""
+        by_stage = {slot[0]: slot for slot in slots}
+        ordered = [by_stage[stage] for stage in self.stages]
+        self.store.load([s[1] for s in ordered], [jax.device_put(s[2]) for s in ordered],
+                        [jax.device_put(s[3]) for s in ordered], self.store.states(), [0] * len(ordered))
+        self._refs.clear()
+
+    def take_updates(self) -> list[tuple]:
+        """Every update applied since the last call: `(stage, version_read, version_commit, worker,
+        t_read, t_commit)`."""
+        updates, self._updates = self._updates, []
+        return updates
+
+    def slots(self) -> list[tuple]:
+        """Per stage `(stage, version, params, opt_state)` as NumPy trees (for evaluation and checkpoints)."""
+        out = []
+        for local, stage in enumerate(self.stages):
+            slot = self.store.read(local)
+            out.append((stage, slot.version, *jax.device_get((slot.params, slot.opt_state))))
+        return out
+
+
+def host_tree(tree: Any) -> Any:
+    """`tree` with every leaf a NumPy array (what crosses to and from the actors)."""
+    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))

@@ -1,0 +1,137 @@
+"""Worker actors: one per device, running the trainer's own threads against the stage servers.
+
+A worker builds its own session (its process's JAX, its compiled forward and backward units, the
+dataset read from its files) and runs the trainer's epoch function unchanged on its share of each
+chunk of batches. The only difference from a local run is its view of the model, `RemoteView`:
+reads pull from the stage servers, layer-wise commits push to them. It is a plain class here; the
+backend wraps it with `ray.remote`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import os
+import socket
+import time
+from typing import Any, Sequence
+
+import jax
+
+from asyncsgd import trainers
+from asyncsgd.assemble import build_session, prepare_dataset
+from asyncsgd.config import TrainConfig
+from asyncsgd.store import Slot
+from asyncsgd.trainers import EpochPlan
+from asyncsgd.units import tree_nbytes
+
+# Pushes a worker may have on their way to the servers before its backward thread waits for the oldest.
+MAX_PENDING_PUSHES = 32
+
+
+class RemoteView:
+    """A worker's view of the model on the stage servers (the interface of `trainers.placement.DeviceView`).
+
+    Args:
+      servers: the stage servers' actor handles.
+      owner: for each stage, the index of the server that holds it.
+      t0: the driver's `time.time()` at the start (read times are seconds since then).
+    """
+
+    remote = True
+    is_home = False
+    index = 0  # its device in its own process (the run's clock charges nothing on the wall clock)
+
+    def __init__(self, servers: Sequence[Any], owner: Sequence[int], t0: float):
+        import ray
+        self._ray, self.servers, self.owner, self.t0 = ray, list(servers), list(owner), t0
+        self._copies: list = [None] * len(owner)
+        self._pending: collections.deque = collections.deque()
+        self.pulls = self.pull_bytes = self.push_bytes = self.pushes = 0
+
+    def read(self, stage: int) -> Slot:
+        """The stage's newest parameters: fetched only when the server's version moved."""
+        copy = self._copies[stage]
+        reply = self._ray.get(self.servers[self.owner[stage]].pull.remote(stage, -1 if copy is None else copy.version))
+        if reply is not None:
+            version, ref = reply
+            params = jax.device_put(self._ray.get(ref))
+            copy = Slot(version, params, None, {}, 0)
+            self._copies[stage] = copy
+            self.pulls += 1
+            self.pull_bytes += tree_nbytes(params)
+        return copy
+
+    def source(self, stage: int, copy: Slot) -> Slot:
+        return copy
+
+    def local(self, stage: int) -> Any:
+        copy = self._copies[stage]
+        return copy.params if copy is not None else self.read(stage).params
+
+    def put(self, tree: Any) -> Any:
+        return tree
+
+    def push(self, stage: int, grads: Any, version_read: int, worker: str, t_read: float) -> None:
+        """Sends one stage's gradient to its server without waiting for it to be applied."""
+        host = jax.device_get(grads)  # blocks: this gradient is computed
+        self.push_bytes += tree_nbytes(host)
+        self.pushes += 1
+        self._pending.append(self.servers[self.owner[stage]].push.remote(
+            stage, host, version_read, f"{worker}@{socket.gethostname()}:{os.getpid()}", t_read))
+        while len(self._pending) > MAX_PENDING_PUSHES:
+            self._ray.get(self._pending.popleft())  # blocks: back-pressure on a slow server
+
+    def flush(self) -> None:
+        """Waits until every push sent so far has been applied (raises a server's error)."""
+        self._ray.get(list(self._pending))
+        self._pending.clear()
+
+
+class Worker:
+    """One worker device of a Ray run.
+
+    Args:
+      config: the run's configuration, as a dict.
+      position, count: this worker's index among the `count` workers (its share of every chunk).
+      servers, owner: the stage servers and which one holds each stage.
+      t0: the driver's start time.
+    """
+
+    def __init__(self, config: dict, position: int, count: int, servers: Sequence[Any], owner: Sequence[int],
+                 t0: float):
+        config = dataclasses.replace(TrainConfig(**config), devices=1, backend="local", ray_address=None, out=None,
+                                     progress=False)
+        self.config, self.position, self.count = config, position, count
+        dataset = prepare_dataset(config)  # from its own files: no dataset through the driver
+        session, _ = build_session(config, dataset, unit_groups=("stages_split",))
+        self.view = RemoteView(servers, owner, t0)
+        self.session = dataclasses.replace(session, views=(self.view,))
+        self.spec = trainers.get(config.trainer)
+        self.next_seq = 0
+        self.t0 = t0
+
+    def info(self) -> dict:
+        return {"position": self.position, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def run(self, epoch: int, first_batch: int, batches: int) -> dict:
+        """Trains on this worker's share of batches `first_batch .. first_batch + batches` of `epoch`.
+
+        Returns the losses of the items it finished (in order), the pull/push counts and bytes, and its
+        peak items in flight. Every push has been applied when it returns.
+        """
+        recorder = self.session.recorder
+        done_before = len(recorder.losses)
+        plan = EpochPlan(epoch, self.next_seq, batches, first_batch, shard=(self.position, self.count))
+        recorder.start_epoch(epoch)
+        try:
+            result = self.spec.run_epoch(self.session, plan)
+        finally:
+            recorder.end_epoch()
+        self.view.flush()
+        losses = recorder.losses[done_before:]
+        self.next_seq += len(losses)
+        view = self.view
+        return {"losses": losses, "peak_inflight": result.peak_inflight, "window_size": result.window_size,
+                "pulls": view.pulls, "pull_bytes": view.pull_bytes, "pushes": view.pushes,
+                "push_bytes": view.push_bytes, "time": time.time() - self.t0}

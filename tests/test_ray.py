@@ -1,0 +1,147 @@
+"""The Ray backend on a local Ray instance (2 CPUs, 2 worker actors, 2 stage servers): the MLP on
+real Fashion-MNIST against the local backend, a worker SIGKILLed mid-run, a stage server killed and
+the run resumed. One Ray instance for the whole module (starting one costs seconds)."""
+
+import csv
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+import pytest
+from conftest import has_fashion_mnist, replace
+
+from asyncsgd import TrainConfig, train
+from asyncsgd.config import validate
+from asyncsgd.errors import ConfigError, WorkerError
+
+ray = pytest.importorskip("ray", reason="the Ray backend needs the [ray] extra (pip install -e '.[ray]')")
+
+pytestmark = [pytest.mark.timeout(300), pytest.mark.slow]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _config(tmp_path, name, **overrides):
+    if not has_fashion_mnist():
+        pytest.skip("needs the Fashion-MNIST files (make dataset)")
+    base = TrainConfig(trainer="pdasgd", model="mlp", dataset="fashion_mnist", backend="ray", devices=2, epochs=1,
+                       lr=0.02, out=str(tmp_path / name), progress=False)
+    return replace(base, **overrides)
+
+
+def _updates_by_stage(out):
+    with open(os.path.join(out, "updates.csv"), encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    counts = {}
+    for row in rows:
+        counts[row["stage"]] = counts.get(row["stage"], 0) + 1
+    return counts, rows
+
+
+def _in_thread(fn):
+    """Runs `fn()` in a thread; returns (thread, box) where box gets 'result' or 'error'."""
+    box = {}
+
+    def body():
+        try:
+            box["result"] = fn()
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            box["error"] = error
+    thread = threading.Thread(target=body, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def _wait_for(path, timeout=120.0):
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def test_ray_trains_like_the_local_backend(tmp_path):
+    ray_config = _config(tmp_path, "ray")
+    on_ray = train(ray_config)
+    local = train(replace(ray_config, backend="local", devices=1, out=str(tmp_path / "local")))
+    assert on_ray["status"] == local["status"] == "complete"
+    assert on_ray["backend"] == "ray" and on_ray["devices"] == 2 and on_ray["workers_lost"] == 0
+    assert abs(on_ray["test_accuracy"] - local["test_accuracy"]) <= 0.015, (on_ray["test_accuracy"],
+                                                                          local["test_accuracy"])
+    # Every update a server applied is in updates.csv, once: records per stage == version advance.
+    counts, rows = _updates_by_stage(ray_config.out)
+    assert counts == {stage: count for stage, count in on_ray["updates_per_stage"].items()}
+    assert on_ray["steps"] == on_ray["updates_per_stage"]["head"] == 468
+    workers = {row["worker"].split("@")[1] for row in rows}
+    assert len(workers) == 2  # both worker actors pushed (host:pid each)
+    assert {f"{w['host']}:{w['pid']}" for w in on_ray["workers"]} == workers
+    assert on_ray["bytes_moved_per_sample"] > 0 and all(n > 0 for n in on_ray["pulls_per_worker"])
+    with open(os.path.join(ray_config.out, "workers.json"), encoding="utf-8") as handle:
+        listed = json.load(handle)
+    assert listed["workers"] == on_ray["workers"] and len(listed["stage_servers"]) == 2
+
+
+def test_a_sigkilled_worker_is_restarted_and_no_update_is_lost(tmp_path):
+    config = _config(tmp_path, "killed", epochs=2)
+    thread, box = _in_thread(lambda: train(config))
+    before = _wait_for(os.path.join(config.out, "workers.json"))
+    victim = before["workers"][0]["pid"]
+    time.sleep(3.0)  # mid-run: the first chunks are on their way
+    os.kill(victim, signal.SIGKILL)
+    thread.join(timeout=240)
+    assert not thread.is_alive(), "the run did not finish after a worker was killed"
+    assert "error" not in box, box.get("error")
+    summary = box["result"]
+    assert summary["status"] == "complete" and summary["epochs_completed"] == 2
+    assert summary["workers_lost"] >= 1 and summary["workers_restarted"] >= 1
+    assert summary["workers"][0]["pid"] != victim  # the restarted actor, in workers.json too
+    with open(os.path.join(config.out, "workers.json"), encoding="utf-8") as handle:
+        assert json.load(handle)["workers"][0]["pid"] == summary["workers"][0]["pid"]
+    counts, _ = _updates_by_stage(config.out)
+    assert counts == summary["updates_per_stage"]  # no update lost or applied twice
+    # Only the killed chunk's items are missing: at most one chunk of one worker per loss.
+    assert 2 * 468 - summary["steps"] <= summary["workers_lost"] * (-(-468 // 8) // 2 + 2)
+    assert summary["test_accuracy"] > 0.8
+
+
+def test_a_dead_stage_server_stops_the_run_and_the_checkpoint_resumes_it(tmp_path):
+    config = _config(tmp_path, "server", epochs=2, checkpoint_every="60")
+    thread, box = _in_thread(lambda: train(config))
+    listed = _wait_for(os.path.join(config.out, "workers.json"))
+    checkpoints = os.path.join(config.out, "checkpoints")
+    deadline = time.time() + 120
+    while not (os.path.isdir(checkpoints) and os.listdir(checkpoints)):
+        assert time.time() < deadline and thread.is_alive(), "no checkpoint was written"
+        time.sleep(0.2)
+    os.kill(listed["stage_servers"][1]["pid"], signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    assert isinstance(box.get("error"), WorkerError), box
+    assert "stage server 1" in str(box["error"]) and "--resume" in str(box["error"])
+    resumed = train(config, resume=True)
+    assert resumed["status"] == "complete" and resumed["epochs_completed"] == 2
+    assert resumed["resumed_from_step"] >= 60
+    assert resumed["test_accuracy"] > 0.8
+
+
+def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
+    base = TrainConfig(trainer="pdasgd", model="mlp", backend="ray")
+    for change, message in (({"trainer": "sync"}, "--backend ray runs --trainer pdasgd, not sync"),
+                            ({"clock": "simulated"}, "--backend ray runs on the wall clock"),
+                            ({"staleness_correction": "dc"}, "--staleness-correction dc"),
+                            ({"model": "resnet18", "dataset": "cifar10"}, "--norm group"),
+                            ({"backend": "local", "ray_address": "auto"}, "--ray-address needs --backend ray")):
+        with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
+            validate(replace(base, **change))
+    monkeypatch.setitem(sys.modules, "ray", None)  # as without the extra
+    with pytest.raises(ConfigError, match=r"pip install \-e '\.\[ray\]'"):
+        train(replace(base, dataset="synthetic", out=str(tmp_path / "noray"), progress=False))
