@@ -13,6 +13,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 from typing import Any, Optional
 
@@ -77,17 +78,18 @@ def _init_ray(ray, address: Optional[str]) -> bool:
     if address:
         ray.init(address=address, **options)
     else:
-        # Ray's core services listen on every interface whatever address it is given (measured with
-        # ss: gcs_server, raylet and each actor on *:port), so the local instance also requires Ray's
-        # token authentication (a random token in ~/.ray/auth_token; ignored by Rays without it).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
         ray.init(num_cpus=os.cpu_count() or 1, _node_ip_address="127.0.0.1", **options)
     return True
 
 
 def _prepare(session) -> Prepared:
-    ray = require_ray()
     config, store = session.config, session.store
+    if not config.ray_address and "ray" not in sys.modules:
+        # Ray's core services listen on every interface whatever address it is given (measured with
+        # ss: gcs_server, raylet and each actor on *:port), so a local instance requires Ray's token
+        # authentication (a random token in ~/.ray/auth_token). Read when Ray is imported: set first.
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    ray = require_ray()
     started = _init_ray(ray, config.ray_address)
     t0 = time.time()
     config_dict = dataclasses.asdict(config)
