@@ -70,9 +70,13 @@ def _wait_for(path, timeout=120.0):
 
 
 def test_ray_trains_like_the_local_backend(tmp_path):
-    ray_config = _config(tmp_path, "ray")
+    # Equal epochs and devices (2 worker actors; 2 local devices: the same staleness structure), and
+    # a cosine schedule, whose final iterate is steady: one run's accuracy then varies by a few tenths
+    # (measured: local 85.13 / 84.83, Ray 85.51 / 85.34 over seeds 0 / 1), not by the 1.5 points
+    # allowed. At a constant rate after one epoch single runs differed by up to 2.8 points.
+    ray_config = _config(tmp_path, "ray", epochs=2, schedule="cosine")
     on_ray = train(ray_config)
-    local = train(replace(ray_config, backend="local", devices=1, out=str(tmp_path / "local")))
+    local = train(replace(ray_config, backend="local", out=str(tmp_path / "local")))
     assert on_ray["status"] == local["status"] == "complete"
     assert on_ray["backend"] == "ray" and on_ray["devices"] == 2 and on_ray["workers_lost"] == 0
     assert abs(on_ray["test_accuracy"] - local["test_accuracy"]) <= 0.015, (on_ray["test_accuracy"],
@@ -80,7 +84,7 @@ def test_ray_trains_like_the_local_backend(tmp_path):
     # Every update a server applied is in updates.csv, once: records per stage == version advance.
     counts, rows = _updates_by_stage(ray_config.out)
     assert counts == {stage: count for stage, count in on_ray["updates_per_stage"].items()}
-    assert on_ray["steps"] == on_ray["updates_per_stage"]["head"] == 468
+    assert on_ray["steps"] == on_ray["updates_per_stage"]["head"] == 2 * 468
     workers = {row["worker"].split("@")[1] for row in rows}
     assert len(workers) == 2  # both worker actors pushed (host:pid each)
     assert {f"{w['host']}:{w['pid']}" for w in on_ray["workers"]} == workers
@@ -88,6 +92,24 @@ def test_ray_trains_like_the_local_backend(tmp_path):
     with open(os.path.join(ray_config.out, "workers.json"), encoding="utf-8") as handle:
         listed = json.load(handle)
     assert listed["workers"] == on_ray["workers"] and len(listed["stage_servers"]) == 2
+
+
+@pytest.mark.parametrize("trainer", ["dasgd", "hogwild"])
+def test_whole_model_trainers_push_every_stage_once(tmp_path, trainer):
+    config = _config(tmp_path, trainer, trainer=trainer, train_subset=12800)
+    summary = train(config)
+    assert summary["status"] == "complete" and summary["steps"] == 100
+    # every item's gradient reached every stage's server exactly once, each recorded once
+    assert summary["updates_per_stage"] == {name: 100 for name in ("dense1", "dense2", "head")}
+    counts, rows = _updates_by_stage(config.out)
+    assert counts == summary["updates_per_stage"]
+    if trainer == "hogwild":  # one read of the whole model per item: its three stages share the read time
+        by_item = {}
+        for row in rows:
+            by_item.setdefault((row["worker"], row["t_read"]), set()).add(row["stage"])
+        odd = {key: stages for key, stages in by_item.items() if stages != {"dense1", "dense2", "head"}}
+        assert not odd, list(odd.items())[:4]
+    assert summary["test_accuracy"] > 0.6
 
 
 def test_a_sigkilled_worker_is_restarted_and_no_update_is_lost(tmp_path):
@@ -135,7 +157,7 @@ def test_a_dead_stage_server_stops_the_run_and_the_checkpoint_resumes_it(tmp_pat
 
 def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
     base = TrainConfig(trainer="pdasgd", model="mlp", backend="ray")
-    for change, message in (({"trainer": "sync"}, "--backend ray runs --trainer pdasgd, not sync"),
+    for change, message in (({"trainer": "sync"}, "--backend ray runs --trainer pdasgd or dasgd or hogwild, not sync"),
                             ({"clock": "simulated"}, "--backend ray runs on the wall clock"),
                             ({"staleness_correction": "dc"}, "--staleness-correction dc"),
                             ({"model": "resnet18", "dataset": "cifar10"}, "--norm group"),

@@ -17,7 +17,8 @@ What runs where:
     chunk's items in flight, is restarted by Ray and gets the next chunk.
 
 Only the trainers whose spec lists "ray" in `backends` run on Ray (so far `pdasgd`, the paper's method:
-layer-wise pushes). Ray is imported only when a run asks for it: `check` below needs no Ray.
+layer-wise pushes; `dasgd` and `hogwild`, whose whole-model updates each server applies to its own
+stages). Ray is imported only when a run asks for it: `check` below needs no Ray.
 """
 
 from __future__ import annotations

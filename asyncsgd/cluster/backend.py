@@ -202,6 +202,7 @@ def _run_epoch(session, plan) -> EpochResult:
     next_chunk = {position: 0 for position in range(config.devices) if position not in kit.dropped}
     running: dict = {}  # object ref -> (position, started at)
     restarting: dict = {}  # position -> ref of its info() call after a death
+    lost_at: dict = {}  # position -> when it died (a restart that takes too long drops it)
     finished_batches = 0
 
     def submit(position: int) -> None:
@@ -229,6 +230,7 @@ def _run_epoch(session, plan) -> EpochResult:
                                        "pid": kit.infos[position]["pid"]})
                     recorder.log({"event": "worker_lost", "position": position})
                     restarting[position] = kit.workers[position].info.remote()
+                    lost_at[position] = time.time()
                     kit.write_workers()
                     continue
                 for loss in reply["losses"]:
@@ -245,7 +247,7 @@ def _run_epoch(session, plan) -> EpochResult:
                 del restarting[position]
                 try:
                     kit.infos[position] = ray.get(ref)
-                except Exception as error:  # noqa: BLE001 - still restarting: ask again
+                except Exception as error:  # noqa: BLE001 - still restarting: ask again (_drop_stuck gives up)
                     if not _is_actor_error(error):
                         raise
                     restarting[position] = kit.workers[position].info.remote()
@@ -256,7 +258,7 @@ def _run_epoch(session, plan) -> EpochResult:
                 recorder.log({"event": "worker_restarted", "position": position, "pid": kit.infos[position]["pid"]})
                 kit.write_workers()
                 submit(position)
-        _drop_stuck(kit, running, restarting, config.watchdog_s)
+        _drop_stuck(kit, running, restarting, lost_at, config.watchdog_s)
         _collect_updates(session, kit)
         recorder.tick()  # the run's periodic evaluation and checkpoints (on_tick)
     _collect_updates(session, kit)
@@ -266,9 +268,16 @@ def _run_epoch(session, plan) -> EpochResult:
     return EpochResult(batches=finished_batches, peak_inflight=kit.peak_inflight, window_size=kit.window_size)
 
 
-def _drop_stuck(kit: RayKit, running: dict, restarting: dict, watchdog_s: float) -> None:
-    """A worker whose chunk (or restart) takes longer than `--watchdog` is dropped, not waited for."""
+def _drop_stuck(kit: RayKit, running: dict, restarting: dict, lost_at: dict, watchdog_s: float) -> None:
+    """A worker whose chunk takes longer than 8 x `--watchdog`, or whose restart takes longer than
+    `RESTART_TIMEOUT_S`, is dropped, not waited for."""
     now = time.time()
+    for position in list(restarting):
+        if now - lost_at[position] > RESTART_TIMEOUT_S:
+            del restarting[position]
+            kit.dropped.add(position)
+            kit.events.append({"event": "dropped", "position": position, "time_s": now - kit.t0})
+            kit.write_workers()
     for ref, (position, started) in list(running.items()):
         if now - started > max(watchdog_s, 1.0) * CHUNKS_PER_EPOCH:
             del running[ref]

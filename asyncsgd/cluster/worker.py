@@ -13,6 +13,7 @@ import collections
 import dataclasses
 import os
 import socket
+import threading
 import time
 from typing import Any, Sequence
 
@@ -20,6 +21,7 @@ import jax
 
 from asyncsgd import trainers
 from asyncsgd.assemble import build_session, prepare_dataset
+from asyncsgd.clock import WALL
 from asyncsgd.config import TrainConfig
 from asyncsgd.store import Slot
 from asyncsgd.trainers import EpochPlan
@@ -45,17 +47,23 @@ class RemoteView:
     def __init__(self, servers: Sequence[Any], owner: Sequence[int], t0: float):
         import ray
         self._ray, self.servers, self.owner, self.t0 = ray, list(servers), list(owner), t0
+        # One ray.get at a time in this process: concurrent gets from several threads of one actor task
+        # can cancel each other's object fetches and hang (ray-project/ray#54007; seen here: two
+        # Hogwild threads stuck in a pull whose server was idle).
+        self._get_lock = threading.Lock()
         self._copies: list = [None] * len(owner)
+        # read times are on this process's clock (perf_counter); the servers' count from the driver's t0
+        self._to_run_time = (time.time() - t0) - WALL.now()
         self._pending: collections.deque = collections.deque()
         self.pulls = self.pull_bytes = self.push_bytes = self.pushes = 0
 
     def read(self, stage: int) -> Slot:
         """The stage's newest parameters: fetched only when the server's version moved."""
         copy = self._copies[stage]
-        reply = self._ray.get(self.servers[self.owner[stage]].pull.remote(stage, -1 if copy is None else copy.version))
+        reply = self._get(self.servers[self.owner[stage]].pull.remote(stage, -1 if copy is None else copy.version))
         if reply is not None:
             version, ref = reply
-            params = jax.device_put(self._ray.get(ref))
+            params = jax.device_put(self._get(ref))
             copy = Slot(version, params, None, {}, 0)
             self._copies[stage] = copy
             self.pulls += 1
@@ -77,15 +85,25 @@ class RemoteView:
         host = jax.device_get(grads)  # blocks: this gradient is computed
         self.push_bytes += tree_nbytes(host)
         self.pushes += 1
+        t_read += self._to_run_time
         self._pending.append(self.servers[self.owner[stage]].push.remote(
             stage, host, version_read, f"{worker}@{socket.gethostname()}:{os.getpid()}", t_read))
         while len(self._pending) > MAX_PENDING_PUSHES:
-            self._ray.get(self._pending.popleft())  # blocks: back-pressure on a slow server
+            try:
+                oldest = self._pending.popleft()
+            except IndexError:  # another thread took it
+                break
+            self._get(oldest)  # blocks: back-pressure on a slow server
 
     def flush(self) -> None:
         """Waits until every push sent so far has been applied (raises a server's error)."""
-        self._ray.get(list(self._pending))
+        pending = list(self._pending)
         self._pending.clear()
+        self._get(pending)
+
+    def _get(self, refs):
+        with self._get_lock:
+            return self._ray.get(refs)
 
 
 class Worker:
@@ -104,10 +122,13 @@ class Worker:
                                      progress=False)
         self.config, self.position, self.count = config, position, count
         dataset = prepare_dataset(config)  # from its own files: no dataset through the driver
-        session, _ = build_session(config, dataset, unit_groups=("stages_split",))
+        self.spec = trainers.get(config.trainer)
+        # the units the trainer calls on a device that is not home (no fused update: the servers apply it)
+        groups = {"stages": "stages_split"}
+        every = tuple(groups.get(group, group) for group in self.spec.units(config, 1)[0])
+        session, _ = build_session(config, dataset, unit_groups=every)
         self.view = RemoteView(servers, owner, t0)
         self.session = dataclasses.replace(session, views=(self.view,))
-        self.spec = trainers.get(config.trainer)
         self.next_seq = 0
         self.t0 = t0
 

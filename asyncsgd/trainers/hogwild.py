@@ -46,6 +46,12 @@ def _hogwild_worker(worker, session: Session, epoch: Epoch, window: Tickets, dev
         loss.block_until_ready()  # blocks: the gradient is computed before we commit it
         delay.after_compute(clock.now() - t_read)
         worker.beat(f"committing the whole model (item {batch.seq})")
+        if view.remote:  # a Ray worker: each stage's server applies its part (asyncsgd/cluster)
+            for stage, slot in enumerate(slots):
+                view.push(stage, grads[stage], slot.version, worker.name, t_read)
+            window.release(ticket)
+            recorder.item_done(batch.seq, loss)
+            continue
         sources = [view.source(stage, slot) for stage, slot in enumerate(slots)]
         read_states = [source.state for source in sources]
         read_params = [source.params for source in sources]  # on home: what a dc correction compares to
@@ -82,5 +88,6 @@ SPEC = TrainerSpec(
     multi_device=True,
     compared_by_default=True,
     units=fixed_units("model_grad"),
+    backends=("local", "ray"),
     staleness_bound=staleness_bound,
 )

@@ -139,6 +139,11 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             last = dy if dy is not None else commit.after.params
         if sync_each_stage:
             jax.block_until_ready(last)  # blocks: this stage's work finishes before the next starts
+    if not layerwise and view.remote:  # a Ray worker: the whole model's gradients go to the servers at once
+        worker.beat(f"pushing the whole model (item {item.seq})")
+        for index in range(len(names)):
+            view.push(index, grads[index], item.versions_read[index], worker.name, item.times_read[index])
+        return last
     if not layerwise:
         worker.beat(f"committing the whole model (item {item.seq})")
         grads = view.to_home(grads)

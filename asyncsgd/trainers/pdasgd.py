@@ -165,6 +165,6 @@ SPEC = TrainerSpec(
 )
 
 DASGD_SPEC = dataclasses.replace(
-    SPEC, name="dasgd", run_epoch=run_dasgd, units=_units("stages_split"), backends=("local",),
+    SPEC, name="dasgd", run_epoch=run_dasgd, units=_units("stages_split"),
     description="the same threads, but the whole model is committed after the full backward (the paper's "
                 "block-update ablation)")
