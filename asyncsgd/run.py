@@ -134,6 +134,8 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
         recorder.close()
         try:
             extra = spec.summary(session)
+        except Exception as exc:  # noqa: BLE001 - the run's own error (or result) matters more
+            extra = {"summary_error": f"{type(exc).__name__}: {exc}"}
         finally:
             spec.finish(session)  # a Ray run's actors stop here, whatever happened
         summary = outputs.summary(session, spec, status, tests, totals,
