@@ -13,7 +13,7 @@ from asyncsgd.clock import WALL, Clock
 from asyncsgd.config import TrainConfig
 from asyncsgd.data import Dataset, load_dataset, steps_per_epoch
 from asyncsgd.delays import parse_delay
-from asyncsgd.devices import run_devices, simulated_devices
+from asyncsgd.devices import local_device_count, run_devices, simulated_devices
 from asyncsgd.errors import ConfigError
 from asyncsgd.evaluation import eval_batch_size
 from asyncsgd.metrics import Recorder
@@ -94,18 +94,16 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
     units = Units(model, make_optimizer(config, total_steps), config.residuals)
     if clock.simulated:
         devices = simulated_devices(config.devices)
-    else:  # a Ray run's devices are its worker actors; the driver evaluates on one
-        devices = run_devices(1 if config.backend == "ray" else config.devices)
+    else:
+        devices = run_devices(local_device_count(config))
     params, states = model.init(jax.random.PRNGKey(config.seed))
+    opt_states = units.init_opt_states(params)
     real = list(dict.fromkeys(devices))  # simulated devices share one real device
     if len(real) > 1:
         # Committed to the home device from the start, as every array a transfer makes is: a compiled
         # unit is specialised to whether its inputs are committed, so a store that became committed at
         # its first pushed update would recompile every unit inside the worker threads (holding the GIL).
-        params, states = jax.device_put((params, states), real[0])
-    opt_states = units.init_opt_states(params)
-    if len(real) > 1:  # optax makes its step counts afresh (uncommitted): they go home too
-        opt_states = jax.device_put(opt_states, real[0])
+        params, opt_states, states = jax.device_put((params, opt_states, states), real[0])
     store = ParamStore(model.stage_names, params, opt_states, states)
     kwargs = dict(writer=None, progress=False, desc=config.trainer, log_every=config.log_every)
     kwargs.update(recorder_kwargs or {})

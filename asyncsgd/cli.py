@@ -266,13 +266,12 @@ def _main(argv: Optional[Sequence[str]]) -> int:
         from asyncsgd.outputs import resume_config
         explicit = _explicit(parser, "train", argv) - {"resume"}
         config = resume_config(args.resume, {name: getattr(args, name) for name in explicit})
-        from asyncsgd.devices import request_cpu_devices
-        request_cpu_devices(1 if config.backend == "ray" else config.devices)
+        from asyncsgd.devices import local_device_count, request_cpu_devices
+        request_cpu_devices(local_device_count(config))
         from asyncsgd.run import train
         return _report(train(config, resume=True), config)
-    from asyncsgd.devices import request_cpu_devices
-    # before anything starts JAX's backend; a Ray run's devices are its worker actors
-    request_cpu_devices(1 if getattr(args, "backend", "local") == "ray" else args.devices)
+    from asyncsgd.devices import local_device_count, request_cpu_devices
+    request_cpu_devices(local_device_count(args))  # before anything starts JAX's backend
     if args.command == "bench" and args.models:
         from asyncsgd.bench import format_model_table, model_table
         config = _config_from(args, out=None)

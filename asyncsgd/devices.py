@@ -34,6 +34,12 @@ def simulated_devices(count: int) -> list:
     return [jax.devices()[0]] * count
 
 
+def local_device_count(config) -> int:
+    """JAX devices this process needs for `config`: its `devices`, or one for a Ray run (whose devices
+    are its worker actors; the driver only evaluates)."""
+    return 1 if getattr(config, "backend", "local") == "ray" else config.devices
+
+
 def run_devices(count: int) -> list:
     """The first `count` JAX devices; `ConfigError` if there are fewer."""
     available = jax.devices()

@@ -7,8 +7,7 @@ write it: NCHW tensors, `torch.nn` layers of the same widths, SGD with the same 
 `optimizer.step()` per batch, all of PyTorch's intra-op threads (`torch.get_num_threads()`).
 
 Models mirrored: `mlp`, `cnn` (both as in `asyncsgd.models`) and `resnet18` (CIFAR form, batch norm).
-PyTorch is an optional extra (`pip install -e '.[peer]'`); without it `torch_available()` is False
-and the bench says so in one line.
+PyTorch is an optional extra (`pip install -e '.[peer]'`); without it the bench says so in one line.
 """
 
 from __future__ import annotations
@@ -22,14 +21,6 @@ from asyncsgd.errors import ConfigError
 from asyncsgd.metrics import current_rss_mb
 
 PEER_MODELS = ("mlp", "cnn", "resnet18")
-
-
-def torch_available() -> bool:
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _require_torch():

@@ -21,7 +21,7 @@ import jax
 
 from asyncsgd.assemble import planned_steps
 from asyncsgd.cluster import require_ray
-from asyncsgd.cluster.servers import StageServer, host_tree, split_stages
+from asyncsgd.cluster.servers import StageServer, host_slots, split_stages
 from asyncsgd.cluster.worker import Worker
 from asyncsgd.errors import StallError, WorkerError
 from asyncsgd.trainers.base import EpochResult, Prepared
@@ -103,9 +103,7 @@ def _prepare(session) -> Prepared:
     for index, stages in enumerate(groups):
         for stage in stages:
             owner[stage] = index
-        slots = [(store.read(stage).version, host_tree(store.read(stage).params), host_tree(store.read(stage).opt_state))
-                 for stage in stages]
-        servers.append(server_class.remote(config_dict, shapes, stages, slots, t0))
+        servers.append(server_class.remote(config_dict, shapes, stages, host_slots(store, stages), t0))
     cpus = ray.cluster_resources().get("CPU", 1.0)
     worker_class = ray.remote(num_cpus=min(1.0, cpus / config.devices), max_restarts=-1,
                               max_task_retries=0)(Worker)
@@ -150,9 +148,7 @@ def _load_servers(session, kit: RayKit) -> None:
     store = session.store
     if store.versions() == [slot[1] for slot in _server_slots(kit)]:
         return
-    kit.ray.get([server.load.remote([(stage, store.read(stage).version, host_tree(store.read(stage).params),
-                                      host_tree(store.read(stage).opt_state))
-                                     for stage in range(len(store)) if kit.owner[stage] == index])
+    kit.ray.get([server.load.remote(host_slots(store, [s for s in range(len(store)) if kit.owner[s] == index]))
                  for index, server in enumerate(kit.servers)])
 
 
@@ -182,8 +178,8 @@ def _collect_updates(session, kit: RayKit) -> None:
 
 
 def _is_actor_error(error: BaseException) -> bool:
-    return any(type(error).__name__ == name or name in {c.__name__ for c in type(error).__mro__}
-               for name in _ACTOR_ERRORS_NAMES)
+    """A Ray error saying an actor died or is unavailable (matched by name: they move between Ray's modules)."""
+    return any(cls.__name__ in _ACTOR_ERRORS_NAMES for cls in type(error).__mro__)
 
 
 def _chunks(plan, devices: int) -> list[tuple[int, int]]:
@@ -239,8 +235,7 @@ def _run_epoch(session, plan) -> EpochResult:
                 kit.traffic[position] = {key: reply[key] for key in ("pulls", "pull_bytes", "pushes", "push_bytes")}
                 kit.peak_inflight = max(kit.peak_inflight, reply["peak_inflight"] or 0)
                 kit.window_size = reply["window_size"]
-                _collect_updates(session, kit)
-                _refresh_mirror(session, kit)  # what a checkpoint taken now saves
+                _refresh_mirror(session, kit)  # what a checkpoint taken now saves (updates: after the loop)
                 submit(position)
             else:
                 position = next(p for p, r in restarting.items() if r == ref)

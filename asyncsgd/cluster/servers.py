@@ -47,7 +47,7 @@ class StageServer:
       config: the run's configuration, as a dict (`dataclasses.asdict(TrainConfig)`).
       shapes: `input_shape`, `num_classes`, `vocab_size` of the data and the run's `total_steps`.
       stages: the model's stage indices this server holds.
-      slots: per stage `(version, params, opt_state)` as NumPy trees (the driver's initial or restored store).
+      slots: per stage `(stage, version, params, opt_state)` as NumPy trees (`host_slots` of the driver's store).
       t0: the driver's `time.time()` at the start (update times are seconds since then).
     """
 
@@ -59,12 +59,12 @@ class StageServer:
         self.stages = list(stages)
         self.names = [model.stage_names[stage] for stage in self.stages]
         self.t0 = t0
-        self.store = ParamStore(self.names, [jax.device_put(s[1]) for s in slots],
-                                [jax.device_put(s[2]) for s in slots])
-        self.store.load([s[0] for s in slots], self.store.params(), self.store.opt_states(),
-                        self.store.states(), [0] * len(slots))
         self._refs: dict[int, tuple[int, Any]] = {}  # local index -> (version, object ref of its params)
         self._updates: list[tuple] = []
+        by_stage = {slot[0]: slot for slot in slots}
+        self.store = ParamStore(self.names, [jax.device_put(by_stage[s][2]) for s in self.stages],
+                                [jax.device_put(by_stage[s][3]) for s in self.stages])
+        self.load(slots)
         for local, stage in enumerate(self.stages):  # compile before the first push
             slot = self.store.read(local)
             jax.block_until_ready(self.units.update[stage](slot.params, slot.opt_state, slot.params, 0, slot.params))
@@ -124,3 +124,9 @@ class StageServer:
 def host_tree(tree: Any) -> Any:
     """`tree` with every leaf a NumPy array (what crosses to and from the actors)."""
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+
+
+def host_slots(store: ParamStore, stages: Sequence[int]) -> list[tuple]:
+    """`(stage, version, params, opt_state)` of `stages` of `store`, as NumPy trees (a server's slots)."""
+    return [(stage, store.read(stage).version, host_tree(store.read(stage).params),
+             host_tree(store.read(stage).opt_state)) for stage in stages]

@@ -110,10 +110,9 @@ def weight_grad(x_BxHxWxC, dy_BxHoxWoxO, kernel: tuple[int, int], strides, paddi
     x_pad = jnp.pad(x_BxHxWxC, ((0, 0), pad_h, pad_w, (0, 0)))
     batch, out_h, out_w, out_c = dy_BxHoxWoxO.shape
     in_c = x_BxHxWxC.shape[-1]
-    chunk = weight_grad_chunk(batch, (out_h, out_w), kernel, in_c, out_c)
-    if _COUNTING_FLOPS.get():
-        chunk = batch
-    else:
+    counting = _COUNTING_FLOPS.get()
+    chunk = batch if counting else weight_grad_chunk(batch, (out_h, out_w), kernel, in_c, out_c)
+    if not counting:
         CHOICES[(batch, *x_BxHxWxC.shape[1:], out_c, *kernel, *strides)] = (
             "whole batch" if chunk == batch else f"chunks of {chunk}")
     if chunk == batch:

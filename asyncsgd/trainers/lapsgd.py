@@ -158,7 +158,6 @@ def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, devic
                   partial: bool) -> None:
     units, recorder, clock, kit = session.units, session.recorder, session.clock, session.kit
     store = session.replicas[device]
-    here = session.devices[device]
     delay = epoch.delay(worker, device, index)
     slice_index = index % max(1, len(kit.slices))
     step = 0

@@ -127,7 +127,6 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
             last = dy if dy is not None else grads[index]
         if layerwise and view.remote:  # a Ray worker: the stage's server applies it (asyncsgd/cluster)
             view.push(index, grads[index], item.versions_read[index], worker.name, item.times_read[index])
-            last = dy if dy is not None else grads[index]
         elif layerwise and not view.is_home:  # the gradient is pushed home and applied to the store there
             pushed = view.to_home(grads[index])
             clock.compute(0, f"update/{names[index]}")
