@@ -146,7 +146,8 @@ def _add_schedule_flags(parser: _Parser, d: TrainConfig) -> None:
     g = parser.add_argument_group("backend")
     parser.flag(g, "--backend", choices=BACKENDS, default=d.backend,
                 help="local: worker threads in this process; ray: a worker actor per --devices and stage-server "
-                     "actors holding the parameters, on Ray (extra [ray]; pdasgd, dasgd, hogwild; docs/usage.md)")
+                     "actors holding the parameters, on Ray (extra [ray]; pdasgd, dasgd, hogwild, lapsgd, lppsgd; "
+                     "docs/usage.md)")
     parser.flag(g, "--ray-address", default=None,
                 help="with --backend ray: join this cluster (auto: the one 'ray start --head' started here); "
                      "default: start a local Ray instance bound to 127.0.0.1")

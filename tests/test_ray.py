@@ -112,6 +112,28 @@ def test_whole_model_trainers_push_every_stage_once(tmp_path, trainer):
     assert summary["test_accuracy"] > 0.6
 
 
+@pytest.mark.parametrize("trainer", ["lapsgd", "lppsgd"])
+def test_copies_trainers_train_their_own_copies_and_average_them_through_the_servers(tmp_path, trainer):
+    config = _config(tmp_path, trainer, trainer=trainer, train_subset=12800)
+    summary = train(config)
+    assert summary["status"] == "complete" and summary["steps"] == 100
+    counts, rows = _updates_by_stage(config.out)
+    assert counts == summary["updates_per_stage"]  # every update a worker applied to its copy, recorded once
+    if trainer == "lapsgd":  # a full gradient per item, applied once to the copy of the worker that took it
+        assert counts == {name: 100 for name in ("dense1", "dense2", "head")}
+    else:  # full steps alternate with steps that apply one slice of the stages only
+        assert all(50 <= count < 100 for count in counts.values()), counts
+    by_copy = {}
+    for row in rows:
+        by_copy.setdefault((row["worker"].rsplit("@", 1)[1], row["stage"]), []).append(int(row["version_commit"]))
+    assert len({copy for copy, _ in by_copy}) == 2  # both worker actors' copies
+    for key, versions in by_copy.items():  # each copy's versions advance by one per update: none lost
+        assert sorted(versions) == list(range(len(versions))), key
+    # every worker traded its copy for the average (warm-up: due after every global step)
+    assert summary["averaging_rounds"] >= 2 and all(n >= 1 for n in summary["pulls_per_worker"])
+    assert summary["test_accuracy"] > 0.6  # the average of the two copies is what is evaluated
+
+
 def test_a_sigkilled_worker_is_restarted_and_no_update_is_lost(tmp_path):
     config = _config(tmp_path, "killed", epochs=2)
     thread, box = _in_thread(lambda: train(config))
@@ -157,7 +179,7 @@ def test_a_dead_stage_server_stops_the_run_and_the_checkpoint_resumes_it(tmp_pat
 
 def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
     base = TrainConfig(trainer="pdasgd", model="mlp", backend="ray")
-    for change, message in (({"trainer": "sync"}, "--backend ray runs --trainer pdasgd or dasgd or hogwild, not sync"),
+    for change, message in (({"trainer": "sync"}, "--backend ray runs --trainer pdasgd or dasgd or hogwild or lapsgd or lppsgd, not sync"),
                             ({"clock": "simulated"}, "--backend ray runs on the wall clock"),
                             ({"staleness_correction": "dc"}, "--staleness-correction dc"),
                             ({"model": "resnet18", "dataset": "cifar10"}, "--norm group"),

@@ -9,16 +9,18 @@ What runs where:
   worker actors (`worker.py`): one per `--devices`, each its own process with its own JAX, compiled
     forward/backward units and the trainer's own threads (`asyncsgd.trainers`, unchanged), reading its
     own share of the batches from the dataset files. Its view of the model (`RemoteView`) pulls a stage
-    only when the stage's version moved (the server answers with an object ref) and pushes each
-    gradient without waiting for it to be applied.
+    only when the stage's version moved and pushes each gradient without waiting for it to be applied.
+    A copies trainer's worker (`lapsgd`, `lppsgd`: `TrainerSpec.copies`) trains its own copy instead
+    and trades its snapshot for the servers' average of every worker's latest snapshot when averaging
+    is due (`StageServer.average`).
   the driver (`backend.py`, in the `asyncsgd train` process): the epoch loop, evaluation, checkpoints,
     metrics.jsonl / updates.csv / summary.json, exactly as for a local run (`asyncsgd.run.train`), plus
     `workers.json`. It hands each worker its batches in chunks; a worker that dies loses only its
     chunk's items in flight, is restarted by Ray and gets the next chunk.
 
-Only the trainers whose spec lists "ray" in `backends` run on Ray (so far `pdasgd`, the paper's method:
-layer-wise pushes; `dasgd` and `hogwild`, whose whole-model updates each server applies to its own
-stages). Ray is imported only when a run asks for it: `check` below needs no Ray.
+Only the trainers whose spec lists "ray" in `backends` run on Ray: `pdasgd`, the paper's method
+(layer-wise pushes); `dasgd` and `hogwild`, whose whole-model updates each server applies to its own
+stages; `lapsgd` and `lppsgd`, whose copies the servers average. Ray is imported only when a run asks for it: `check` below needs no Ray.
 """
 
 from __future__ import annotations

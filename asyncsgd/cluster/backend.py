@@ -51,6 +51,7 @@ class RayKit:
     started_ray: bool      # this run started Ray (and shuts it down at the end)
     out: Optional[str]
     t0: float
+    copies: bool = False   # a copies trainer (LAP-SGD): each worker trains its own copy, averaged by the servers
     loaded: bool = False   # the servers hold the driver's (possibly restored) store
     workers_lost: int = 0
     workers_restarted: int = 0
@@ -59,6 +60,7 @@ class RayKit:
     traffic: dict = dataclasses.field(default_factory=dict)  # position -> its latest pull/push counters
     peak_inflight: int = 0
     window_size: Optional[int] = None
+    averaging_rounds: int = 0
 
     def write_workers(self) -> None:
         """`workers.json`: host and PID of every worker actor (rewritten after each restart)."""
@@ -82,7 +84,7 @@ def _init_ray(ray, address: Optional[str]) -> bool:
     return True
 
 
-def _prepare(session) -> Prepared:
+def _prepare(session, copies: bool) -> Prepared:
     config, store = session.config, session.store
     if not config.ray_address and "ray" not in sys.modules:
         # Ray's core services listen on every interface whatever address it is given (measured with
@@ -109,7 +111,8 @@ def _prepare(session) -> Prepared:
                               max_task_retries=0)(Worker)
     workers = [worker_class.remote(config_dict, position, config.devices, servers, owner, t0)
                for position in range(config.devices)]
-    kit = RayKit(ray, servers, owner, workers, infos=[], server_infos=[], started_ray=started, out=config.out, t0=t0)
+    kit = RayKit(ray, servers, owner, workers, infos=[], server_infos=[], started_ray=started, out=config.out, t0=t0,
+                 copies=copies)
     try:
         kit.server_infos = ray.get([server.info.remote() for server in servers])  # blocks: servers compiled
         kit.infos = ray.get([worker.info.remote() for worker in workers])  # blocks: workers compiled
@@ -120,21 +123,34 @@ def _prepare(session) -> Prepared:
     return Prepared(kit=kit, model_view=lambda: _server_view(session, kit))
 
 
-def _server_slots(kit: RayKit) -> list:
+def _from_servers(session, kit: RayKit, method: str, *args_per_server) -> list:
+    """`method` called on every stage server (with its own arguments when given), the replies in
+    server order; a server that died raises the one-line error of `_check_servers`."""
+    calls = [getattr(server, method).remote(*(args[index] for args in args_per_server))
+             for index, server in enumerate(kit.servers)]
+    try:
+        return kit.ray.get(calls)
+    except Exception as error:  # noqa: BLE001 - a server died
+        if _is_actor_error(error):
+            _check_servers(session, kit)
+        raise
+
+
+def _server_slots(session, kit: RayKit) -> list:
     """Every stage's `(stage, version, params, opt_state)` from the servers, in stage order."""
-    slots = [slot for reply in kit.ray.get([s.slots.remote() for s in kit.servers]) for slot in reply]
+    slots = [slot for reply in _from_servers(session, kit, "slots") for slot in reply]
     return sorted(slots, key=lambda slot: slot[0])
 
 
 def _server_view(session, kit: RayKit) -> tuple[list, list]:
     """The servers' parameters now, on the driver's device (for evaluation)."""
-    slots = _server_slots(kit)
+    slots = _server_slots(session, kit)
     return [jax.device_put(slot[2]) for slot in slots], session.store.states()
 
 
 def _refresh_mirror(session, kit: RayKit) -> None:
     """The driver's store := the servers' slots (what a checkpoint saves)."""
-    slots = _server_slots(kit)
+    slots = _server_slots(session, kit)
     store = session.store
     store.load([s[1] for s in slots], jax.device_put([s[2] for s in slots]), jax.device_put([s[3] for s in slots]),
                store.states(), [0] * len(store))
@@ -146,10 +162,10 @@ def _load_servers(session, kit: RayKit) -> None:
         return
     kit.loaded = True
     store = session.store
-    if store.versions() == [slot[1] for slot in _server_slots(kit)]:
+    if store.versions() == [slot[1] for slot in _server_slots(session, kit)]:
         return
-    kit.ray.get([server.load.remote(host_slots(store, [s for s in range(len(store)) if kit.owner[s] == index]))
-                 for index, server in enumerate(kit.servers)])
+    _from_servers(session, kit, "load", [host_slots(store, [s for s in range(len(store)) if kit.owner[s] == index])
+                                         for index in range(len(kit.servers))])
 
 
 def _check_servers(session, kit: RayKit) -> None:
@@ -166,13 +182,7 @@ def _check_servers(session, kit: RayKit) -> None:
 def _collect_updates(session, kit: RayKit) -> None:
     """The servers' new updates into the recorder (updates.csv, staleness)."""
     recorder = session.recorder
-    try:
-        replies = kit.ray.get([server.take_updates.remote() for server in kit.servers])
-    except Exception as error:  # noqa: BLE001 - a server died
-        if _is_actor_error(error):
-            _check_servers(session, kit)
-        raise
-    for reply in replies:
+    for reply in _from_servers(session, kit, "take_updates"):
         for stage, version_read, version_commit, worker, t_read, _ in reply:
             recorder.committed(stage, version_read, version_commit, worker, t_read)
 
@@ -231,6 +241,9 @@ def _run_epoch(session, plan) -> EpochResult:
                     continue
                 for loss in reply["losses"]:
                     recorder.item_done(recorder.finished, loss)
+                for update in reply["updates"]:  # a copies trainer's, applied in the worker
+                    recorder.committed(*update)
+                kit.averaging_rounds += reply["averaging_rounds"]
                 finished_batches += len(reply["losses"])
                 kit.traffic[position] = {key: reply[key] for key in ("pulls", "pull_bytes", "pushes", "push_bytes")}
                 kit.peak_inflight = max(kit.peak_inflight, reply["peak_inflight"] or 0)
@@ -260,7 +273,9 @@ def _run_epoch(session, plan) -> EpochResult:
     _refresh_mirror(session, kit)
     if not any(position not in kit.dropped for position in range(config.devices)):
         raise StallError(f"every Ray worker was lost or dropped (lost {kit.workers_lost}, dropped {len(kit.dropped)})")
-    return EpochResult(batches=finished_batches, peak_inflight=kit.peak_inflight, window_size=kit.window_size)
+    rounds, kit.averaging_rounds = kit.averaging_rounds, 0
+    return EpochResult(batches=finished_batches, peak_inflight=kit.peak_inflight, window_size=kit.window_size,
+                       averaging_rounds=rounds)
 
 
 def _drop_stuck(kit: RayKit, running: dict, restarting: dict, lost_at: dict, watchdog_s: float) -> None:
@@ -270,21 +285,32 @@ def _drop_stuck(kit: RayKit, running: dict, restarting: dict, lost_at: dict, wat
     for position in list(restarting):
         if now - lost_at[position] > RESTART_TIMEOUT_S:
             del restarting[position]
-            kit.dropped.add(position)
-            kit.events.append({"event": "dropped", "position": position, "time_s": now - kit.t0})
-            kit.write_workers()
+            _drop(kit, position, now)
     for ref, (position, started) in list(running.items()):
         if now - started > max(watchdog_s, 1.0) * CHUNKS_PER_EPOCH:
             del running[ref]
-            kit.dropped.add(position)
-            kit.events.append({"event": "dropped", "position": position, "time_s": now - kit.t0})
-            kit.write_workers()
+            _drop(kit, position, now)
+
+
+def _drop(kit: RayKit, position: int, now: float) -> None:
+    """Worker `position` gets no more work; its model copy (a copies trainer's) leaves the average."""
+    kit.dropped.add(position)
+    kit.events.append({"event": "dropped", "position": position, "time_s": now - kit.t0})
+    kit.write_workers()
+    for server in kit.servers:
+        server.forget.remote(position)
 
 
 def _summary(session) -> dict:
     kit: RayKit = session.kit
     traffic = [kit.traffic.get(position, {}) for position in range(len(kit.workers))]
-    return {"backend": "ray", "devices": len(kit.workers), "workers": kit.infos, "workers_lost": kit.workers_lost,
+    counted = {}
+    if kit.copies:  # updates went to the workers' copies: count their records (the servers' versions count averages)
+        per_stage = [0] * len(session.model.stage_names)
+        for update in session.recorder.updates:
+            per_stage[update.stage] += 1
+        counted = {"updates_per_stage": dict(zip(session.model.stage_names, per_stage))}
+    return {**counted,"backend": "ray", "devices": len(kit.workers), "workers": kit.infos, "workers_lost": kit.workers_lost,
             "workers_restarted": kit.workers_restarted, "workers_dropped": sorted(kit.dropped),
             "stage_servers": kit.server_infos,
             "pulls_per_worker": [t.get("pulls", 0) for t in traffic],
@@ -311,7 +337,8 @@ def _finish(session) -> None:
 
 def ray_spec(spec):
     """`spec` with its epochs run by Ray worker actors against stage servers."""
-    return dataclasses.replace(spec, run_epoch=_run_epoch, prepare=_prepare, units=lambda config, devices: ((), ()),
+    return dataclasses.replace(spec, run_epoch=_run_epoch,
+                               prepare=lambda session: _prepare(session, spec.copies), units=lambda config, devices: ((), ()),
                                multi_device=True, exact_position=False, staleness_bound=lambda config: None,
                                summary=_summary, finish=_finish)
 

@@ -59,8 +59,11 @@ class StageServer:
         self.stages = list(stages)
         self.names = [model.stage_names[stage] for stage in self.stages]
         self.t0 = t0
-        self._refs: dict[int, tuple[int, Any]] = {}  # local index -> (version, object ref of its params)
         self._updates: list[tuple] = []
+        # Copies trainers (LAP-SGD): every worker's latest snapshot of these stages (a worker that has
+        # sent none yet still holds what it started from: the stages' parameters at the last load).
+        self._latest: dict[int, list] = {}
+        self._members = set(range(config.devices))
         by_stage = {slot[0]: slot for slot in slots}
         self.store = ParamStore(self.names, [jax.device_put(by_stage[s][2]) for s in self.stages],
                                 [jax.device_put(by_stage[s][3]) for s in self.stages])
@@ -73,18 +76,16 @@ class StageServer:
         return {"host": socket.gethostname(), "pid": os.getpid(), "stages": self.names}
 
     def pull(self, stage: int, have_version: int):
-        """`None` when `have_version` is the stage's version, else `(version, ref)`: an object ref of
-        the stage's parameters as NumPy arrays, put in the object store once per version."""
-        import ray
-        local = self.stages.index(stage)
-        slot = self.store.read(local)
+        """`None` when `have_version` is the stage's version, else `(version, params)` with the params
+        as NumPy arrays (the reply itself goes through the object store, to the caller that owns it).
+
+        Not an object ref put once per version: a worker's get of such a ref (owned by this server,
+        borrowed through the reply) hung now and then while the server replaced it with the next
+        version's (1 run in 7 of a 2-worker Hogwild run, Ray 2.60); a plain reply cannot."""
+        slot = self.store.read(self.stages.index(stage))
         if slot.version == have_version:
             return None
-        cached = self._refs.get(local)
-        if cached is None or cached[0] != slot.version:
-            cached = (slot.version, ray.put(jax.device_get(slot.params)))
-            self._refs[local] = cached
-        return cached
+        return slot.version, jax.device_get(slot.params)
 
     def push(self, stage: int, grads: Any, version_read: int, worker: str, t_read: float) -> int:
         """Applies one gradient of `stage`, computed from `version_read`; returns the version it was
@@ -98,13 +99,30 @@ class StageServer:
         self._updates.append((stage, version_read, version, worker, t_read, time.time() - self.t0))
         return version
 
+    def average(self, position: int, params: Sequence[Any]) -> list:
+        """Worker `position`'s snapshot of these stages in, the mean of every member's latest snapshot
+        out (NumPy trees, in stage order). The mean becomes these stages' parameters (what is evaluated
+        and checkpointed) and their version counts averaging rounds."""
+        self._latest[position] = [jax.device_put(tree) for tree in params]
+        rows = [self._latest.get(member, self._base) for member in sorted(self._members | {position})]
+        means = [jax.tree_util.tree_map(lambda *leaves: sum(leaves) / len(leaves), *column) for column in zip(*rows)]
+        for local, mean in enumerate(means):
+            self.store.commit(local, lambda params, opt_state, mean=mean: (mean, opt_state))
+        return jax.device_get(means)
+
+    def forget(self, position: int) -> None:
+        """Worker `position` is gone for good (dropped): its copy leaves the average."""
+        self._members.discard(position)
+        self._latest.pop(position, None)
+
     def load(self, slots: Sequence[tuple]) -> None:
         """Replaces its stages with `(stage, version, params, opt_state)` (a resumed run's checkpoint)."""
         by_stage = {slot[0]: slot for slot in slots}
         ordered = [by_stage[stage] for stage in self.stages]
         self.store.load([s[1] for s in ordered], [jax.device_put(s[2]) for s in ordered],
                         [jax.device_put(s[3]) for s in ordered], self.store.states(), [0] * len(ordered))
-        self._refs.clear()
+        self._base = self.store.params()
+        self._latest.clear()
 
     def take_updates(self) -> list[tuple]:
         """Every update applied since the last call: `(stage, version_read, version_commit, worker,

@@ -15,7 +15,7 @@ import os
 import socket
 import threading
 import time
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 
@@ -23,12 +23,15 @@ from asyncsgd import trainers
 from asyncsgd.assemble import build_session, prepare_dataset
 from asyncsgd.clock import WALL
 from asyncsgd.config import TrainConfig
+from asyncsgd.errors import StallError
 from asyncsgd.store import Slot
 from asyncsgd.trainers import EpochPlan
 from asyncsgd.units import tree_nbytes
 
 # Pushes a worker may have on their way to the servers before its backward thread waits for the oldest.
 MAX_PENDING_PUSHES = 32
+# A wait for a server's reply wakes this often to ask again (and to say what it waits for, see `waiting`).
+WAIT_POLL_S = 5.0
 
 
 class RemoteView:
@@ -53,17 +56,20 @@ class RemoteView:
         self._get_lock = threading.Lock()
         self._copies: list = [None] * len(owner)
         # read times are on this process's clock (perf_counter); the servers' count from the driver's t0
-        self._to_run_time = (time.time() - t0) - WALL.now()
+        self.to_run_time = (time.time() - t0) - WALL.now()
         self._pending: collections.deque = collections.deque()
         self.pulls = self.pull_bytes = self.push_bytes = self.pushes = 0
+        self.waiting: Optional[tuple[str, float]] = None  # (what, since when) while a reply is awaited
 
     def read(self, stage: int) -> Slot:
         """The stage's newest parameters: fetched only when the server's version moved."""
         copy = self._copies[stage]
-        reply = self._get(self.servers[self.owner[stage]].pull.remote(stage, -1 if copy is None else copy.version))
+        server = self.owner[stage]
+        reply = self._get(self.servers[server].pull.remote(stage, -1 if copy is None else copy.version),
+                          f"the version of stage {stage} from stage server {server}")
         if reply is not None:
-            version, ref = reply
-            params = jax.device_put(self._get(ref))
+            version, params = reply
+            params = jax.device_put(params)
             copy = Slot(version, params, None, {}, 0)
             self._copies[stage] = copy
             self.pulls += 1
@@ -85,7 +91,7 @@ class RemoteView:
         host = jax.device_get(grads)  # blocks: this gradient is computed
         self.push_bytes += tree_nbytes(host)
         self.pushes += 1
-        t_read += self._to_run_time
+        t_read += self.to_run_time
         self._pending.append(self.servers[self.owner[stage]].push.remote(
             stage, host, version_read, f"{worker}@{socket.gethostname()}:{os.getpid()}", t_read))
         while len(self._pending) > MAX_PENDING_PUSHES:
@@ -93,17 +99,57 @@ class RemoteView:
                 oldest = self._pending.popleft()
             except IndexError:  # another thread took it
                 break
-            self._get(oldest)  # blocks: back-pressure on a slow server
+            self._get(oldest, "the oldest pending push")  # blocks: back-pressure on a slow server
+
+    def average(self, position: int, params: Sequence[Any]) -> list:
+        """Trades worker `position`'s snapshot of every stage for the average of the copies (a copies
+        trainer: LAP-SGD); each stage server averages its own stages."""
+        host = jax.device_get(list(params))
+        groups: dict[int, list[int]] = {}
+        for stage in range(len(host)):
+            groups.setdefault(self.owner[stage], []).append(stage)
+        refs = [self.servers[server].average.remote(position, [host[stage] for stage in stages])
+                for server, stages in groups.items()]
+        mean: list = [None] * len(host)
+        for stages, reply in zip(groups.values(), self._get(refs, "the average of the copies")):
+            for stage, tree in zip(stages, reply):
+                mean[stage] = tree
+        self.pushes += 1
+        self.pulls += 1
+        self.push_bytes += tree_nbytes(host)
+        self.pull_bytes += tree_nbytes(mean)
+        return jax.device_put(mean)
+
+    def slots(self) -> list:
+        """Every stage's `(stage, version, params, opt_state)` on the servers, in stage order."""
+        replies = self._get([server.slots.remote() for server in self.servers], "the servers' slots")
+        return sorted((slot for reply in replies for slot in reply), key=lambda slot: slot[0])
 
     def flush(self) -> None:
         """Waits until every push sent so far has been applied (raises a server's error)."""
         pending = list(self._pending)
         self._pending.clear()
-        self._get(pending)
+        self._get(pending, f"{len(pending)} pending pushes")
 
-    def _get(self, refs):
+    def _get(self, refs, what: str):
+        """`ray.get(refs)`, one at a time in this process; a reply that takes longer than `WAIT_POLL_S`
+        is waited for again (a fetch another get cancelled starts again) and named in `waiting`."""
         with self._get_lock:
-            return self._ray.get(refs)
+            listed = refs if isinstance(refs, list) else [refs]
+            if not listed:
+                return []
+            self.waiting = (what, time.time())
+            try:
+                while len(self._ray.wait(listed, num_returns=len(listed), timeout=WAIT_POLL_S)[0]) < len(listed):
+                    pass
+                return self._ray.get(refs)
+            finally:
+                self.waiting = None
+
+    def describe_wait(self) -> str:
+        """What this view waits for now, if anything ('' when nothing)."""
+        waiting = self.waiting
+        return "" if waiting is None else f"; waiting {time.time() - waiting[1]:.0f}s for {waiting[0]}"
 
 
 class Worker:
@@ -128,9 +174,15 @@ class Worker:
         every = tuple(groups.get(group, group) for group in self.spec.units(config, 1)[0])
         session, _ = build_session(config, dataset, unit_groups=every)
         self.view = RemoteView(servers, owner, t0)
-        self.session = dataclasses.replace(session, views=(self.view,))
+        if self.spec.copies:  # its own copy of the model, averaged through the servers (LAP-SGD)
+            kit = session.kit._replace(exchange=lambda tree: (self.view.average(position, tree[0]), tree[1]))
+            self.session = dataclasses.replace(session, kit=kit)
+        else:  # reads pull from the servers, commits push to them
+            self.session = dataclasses.replace(session, views=(self.view,))
+        self.synced = not self.spec.copies  # a copy starts from the servers' parameters (a restart too)
         self.next_seq = 0
         self.t0 = t0
+        self.worker_tag = f"@{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict:
         return {"position": self.position, "host": socket.gethostname(), "pid": os.getpid()}
@@ -142,17 +194,30 @@ class Worker:
         peak items in flight. Every push has been applied when it returns.
         """
         recorder = self.session.recorder
+        if not self.synced:
+            store = self.session.store
+            slots = self.view.slots()
+            store.load(store.versions(), jax.device_put([s[2] for s in slots]), jax.device_put([s[3] for s in slots]),
+                       store.states(), [slot.state_version for slot in store.slots()])
+            self.synced = True
         done_before = len(recorder.losses)
         plan = EpochPlan(epoch, self.next_seq, batches, first_batch, shard=(self.position, self.count))
         recorder.start_epoch(epoch)
         try:
             result = self.spec.run_epoch(self.session, plan)
+        except StallError as error:  # name the reply it waits for, if any
+            raise StallError(f"{error}{self.view.describe_wait()}") from error
         finally:
             recorder.end_epoch()
         self.view.flush()
         losses = recorder.losses[done_before:]
         self.next_seq += len(losses)
+        # updates applied here (a copy's): read times on the driver's time base, as the servers' are
+        updates = [(u.stage, u.version_read, u.version_commit, u.worker + self.worker_tag,
+                    u.t_read + self.view.to_run_time) for u in recorder.updates]
+        recorder.updates.clear()
         view = self.view
         return {"losses": losses, "peak_inflight": result.peak_inflight, "window_size": result.window_size,
+                "averaging_rounds": result.averaging_rounds, "updates": updates,
                 "pulls": view.pulls, "pull_bytes": view.pull_bytes, "pushes": view.pushes,
                 "push_bytes": view.push_bytes, "time": time.time() - self.t0}

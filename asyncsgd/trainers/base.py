@@ -30,6 +30,12 @@ class EpochPlan:
     # are consecutive from first_seq
     shard: tuple = (0, 1)
 
+    def batches(self, steps_per_epoch: int) -> int:
+        """How many batches this call consumes in an epoch of `steps_per_epoch` (its shard's share)."""
+        end = steps_per_epoch if self.max_batches is None else min(steps_per_epoch, self.skip + self.max_batches)
+        position, count = self.shard
+        return len(range(self.skip + position, end, count))
+
 
 @dataclasses.dataclass(frozen=True)
 class EpochResult:
@@ -108,6 +114,9 @@ class TrainerSpec:
       summary: `(session) -> dict`, fields it adds to summary.json (the Ray backend: its workers).
       finish: `(session) -> None`, once at the end of the run whatever happened (stops what `prepare`
         started outside this process).
+      copies: each device trains its own copy of the model (averaged now and then: LAP-SGD) rather
+        than reading and updating the one store; a Ray worker then keeps its copy and averages it
+        through the stage servers instead of pulling from and pushing to them.
     """
 
     name: str
@@ -124,3 +133,4 @@ class TrainerSpec:
     backends: tuple[str, ...] = ("local",)
     summary: Callable[[Any], dict] = lambda session: {}
     finish: Callable[[Any], None] = lambda session: None
+    copies: bool = False

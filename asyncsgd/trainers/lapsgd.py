@@ -16,7 +16,11 @@ its partial steps worker i computes and applies only its slice's gradient (the b
 at the slice's first stage).
 
 The optimiser (momentum, schedule) is the one every trainer uses, one state per stage per copy; the
-model that is evaluated is the average of the copies. Delays: a straggler's workers sleep after each
+model that is evaluated is the average of the copies.
+
+On Ray (`--backend ray`) each worker actor is one device with its own copy, and its averaging worker
+trades its snapshot for the average through the stage servers (`LapKit.exchange`, set by
+asyncsgd/cluster/worker.py): the mean of every copy's latest snapshot, so no copy waits for another. Delays: a straggler's workers sleep after each
 gradient step; random delays and stalls follow each commit.
 """
 
@@ -46,12 +50,15 @@ class LapKit(NamedTuple):
     `average(copies)` is the element-wise mean of `[(params, states), ...]` (one per device, on home);
     `shift(live, average, snapshot)` is `live + (average - snapshot)`; `partial_grad[k](params, states,
     x, labels) -> (grads of slice k's stages, loss, new_states)` for each of `slices` (LPP-SGD only).
+    `exchange((params, states)) -> (params, states)`, when set: this process's copy is one of several
+    in other processes; it sends its snapshot and returns the average to move to (a Ray worker).
     """
 
     average: Callable
     shift: Callable
     slices: tuple = ()
     partial_grad: tuple = ()
+    exchange: Optional[Callable] = None
 
 
 def lpp_slices(stages: int, workers: int) -> list[tuple[int, int]]:
@@ -136,14 +143,18 @@ def average_copies(session: Session) -> None:
     """One averaging round: every live copy moves by (average - its snapshot)."""
     kit, clock = session.kit, session.clock
     snapshots = [store.snapshot() for store in session.replicas]
-    model_bytes = tree_nbytes([s.params for s in snapshots[0]])
-    for device in range(1, len(snapshots)):  # every copy's snapshot goes home
-        clock.transfer(device, model_bytes)
-    clock.compute(0, "average")
-    mean = kit.average([_home_copy(session.devices, d, snap) for d, snap in enumerate(snapshots)])
-    for device in range(1, len(snapshots)):  # and the average goes back
-        clock.transfer(0, model_bytes)
-    clock.compute_all(range(len(snapshots)), "shift")
+    if kit.exchange is not None:  # the other copies are in other processes
+        snap = snapshots[0]
+        mean = kit.exchange(([s.params for s in snap], [s.state for s in snap]))
+    else:
+        model_bytes = tree_nbytes([s.params for s in snapshots[0]])
+        for device in range(1, len(snapshots)):  # every copy's snapshot goes home
+            clock.transfer(device, model_bytes)
+        clock.compute(0, "average")
+        mean = kit.average([_home_copy(session.devices, d, snap) for d, snap in enumerate(snapshots)])
+        for device in range(1, len(snapshots)):  # and the average goes back
+            clock.transfer(0, model_bytes)
+        clock.compute_all(range(len(snapshots)), "shift")
     for device, (store, snap) in enumerate(zip(session.replicas, snapshots)):
         target = mean if device == 0 else jax.device_put(mean, session.devices[device])
         taken = ([s.params for s in snap], [s.state for s in snap])
@@ -229,10 +240,9 @@ def _run(session: Session, plan: EpochPlan, partial: bool) -> EpochResult:
         for index in range(config.workers):
             epoch.crew.spawn(f"{config.trainer}-{index}@{device}", _local_worker, session, epoch, window, device,
                              index, partial)
-    expected = plan.max_batches if plan.max_batches is not None else steps_per_epoch(
-        len(session.dataset.train_y), config.batch_size)
+    expected = plan.batches(steps_per_epoch(len(session.dataset.train_y), config.batch_size))
     rounds = [0]
-    if devices > 1:
+    if devices > 1 or session.kit.exchange is not None:
         epoch.crew.spawn("averaging", _averaging_worker, session, expected, session.recorder.finished, rounds)
     return epoch.run(averaging_rounds=lambda: rounds[0])
 
@@ -254,6 +264,8 @@ SPEC = TrainerSpec(
     units=fixed_units("model_grad", "update"),
     prepare=lambda session: _prepare(session, partial=False),
     staleness_bound=staleness_bound,
+    backends=("local", "ray"),  # a copy per worker actor, averaged through the stage servers (asyncsgd/cluster/)
+    copies=True,
 )
 
 LPPSGD_SPEC = dataclasses.replace(
