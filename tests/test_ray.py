@@ -157,6 +157,31 @@ def test_a_sigkilled_worker_is_restarted_and_no_update_is_lost(tmp_path):
     assert summary["test_accuracy"] > 0.8
 
 
+def test_a_stopped_worker_that_misses_the_heartbeat_for_the_watchdog_is_dropped(tmp_path):
+    # SIGSTOP: the process lives on (Ray sees no death) but answers nothing, as a host cut off would
+    config = _config(tmp_path, "stopped", epochs=2, watchdog_s=20.0)
+    thread, box = _in_thread(lambda: train(config))
+    victim = _wait_for(os.path.join(config.out, "workers.json"))["workers"][0]["pid"]
+    time.sleep(3.0)
+    os.kill(victim, signal.SIGSTOP)
+    try:
+        thread.join(timeout=240)
+        assert not thread.is_alive(), "the run waited for the stopped worker"
+    finally:
+        try:
+            os.kill(victim, signal.SIGKILL)  # killed by the driver already, unless the test failed
+        except ProcessLookupError:
+            pass
+    assert "error" not in box, box.get("error")
+    summary = box["result"]
+    assert summary["status"] == "complete" and summary["workers_dropped"] == [0]
+    assert summary["workers_lost"] == 0  # dropped, not lost and restarted
+    counts, _ = _updates_by_stage(config.out)
+    assert counts == summary["updates_per_stage"]  # what the stopped worker pushed before is kept, once
+    assert summary["steps"] < 2 * 468  # its later chunks were not redistributed: the epochs are shorter
+    assert summary["test_accuracy"] > 0.7
+
+
 def test_a_dead_stage_server_stops_the_run_and_the_checkpoint_resumes_it(tmp_path):
     config = _config(tmp_path, "server", epochs=2, checkpoint_every="60")
     thread, box = _in_thread(lambda: train(config))
@@ -189,3 +214,11 @@ def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # as without the extra
     with pytest.raises(ConfigError, match=r"pip install \-e '\.\[ray\]'"):
         train(replace(base, dataset="synthetic", out=str(tmp_path / "noray"), progress=False))
+
+
+def test_worker_actors_ask_for_a_cpu_and_a_gpu_each_or_a_share():
+    from asyncsgd.cluster.backend import worker_resources
+    assert worker_resources({"CPU": 2.0}, 2) == {"num_cpus": 1.0}
+    assert worker_resources({"CPU": 2.0}, 4) == {"num_cpus": 0.5}
+    assert worker_resources({"CPU": 64.0, "GPU": 8.0}, 4) == {"num_cpus": 1.0, "num_gpus": 1.0}
+    assert worker_resources({"CPU": 64.0, "GPU": 2.0}, 8) == {"num_cpus": 1.0, "num_gpus": 0.25}

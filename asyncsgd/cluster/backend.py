@@ -33,8 +33,9 @@ STAGE_SERVERS = 2
 CHUNKS_PER_EPOCH = 8
 # How often the driver wakes to collect updates, tick the recorder and check on the workers (s).
 POLL_S = 0.2
-# A restarted worker actor gets this long to build its session again (s).
-RESTART_TIMEOUT_S = 120.0
+# How often the driver asks a worker running a chunk whether it is still there (s); one that does not
+# answer within --watchdog (a stopped process, a host cut off) is dropped.
+BEAT_S = 1.0
 _ACTOR_ERRORS_NAMES = ("RayActorError", "ActorDiedError", "ActorUnavailableError", "ActorUnschedulableError")
 
 
@@ -56,6 +57,7 @@ class RayKit:
     workers_lost: int = 0
     workers_restarted: int = 0
     dropped: set = dataclasses.field(default_factory=set)  # positions no longer given work
+    beats: dict = dataclasses.field(default_factory=dict)  # position -> (ref of its pending info() or None, since)
     events: list = dataclasses.field(default_factory=list)
     traffic: dict = dataclasses.field(default_factory=dict)  # position -> its latest pull/push counters
     peak_inflight: int = 0
@@ -106,9 +108,8 @@ def _prepare(session, copies: bool) -> Prepared:
         for stage in stages:
             owner[stage] = index
         servers.append(server_class.remote(config_dict, shapes, stages, host_slots(store, stages), t0))
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    worker_class = ray.remote(num_cpus=min(1.0, cpus / config.devices), max_restarts=-1,
-                              max_task_retries=0)(Worker)
+    worker_class = ray.remote(**worker_resources(ray.cluster_resources(), config.devices), max_restarts=-1,
+                              max_task_retries=0, concurrency_groups={"beat": 1})(_answering_worker(ray))
     workers = [worker_class.remote(config_dict, position, config.devices, servers, owner, t0)
                for position in range(config.devices)]
     kit = RayKit(ray, servers, owner, workers, infos=[], server_infos=[], started_ray=started, out=config.out, t0=t0,
@@ -134,6 +135,27 @@ def _from_servers(session, kit: RayKit, method: str, *args_per_server) -> list:
         if _is_actor_error(error):
             _check_servers(session, kit)
         raise
+
+
+def _answering_worker(ray):
+    """`Worker` whose `info()` is answered beside a running chunk (its own concurrency group): the
+    driver's heartbeat."""
+    class AnsweringWorker(Worker):
+        @ray.method(concurrency_group="beat")
+        def info(self) -> dict:
+            return Worker.info(self)
+    return AnsweringWorker
+
+
+def worker_resources(cluster: dict, workers: int) -> dict:
+    """What each of `workers` worker actors asks Ray for: a CPU (a share when the cluster has fewer
+    CPUs than workers) and, on a cluster with GPUs, a GPU each (a share when there are fewer GPUs than
+    workers), so that Ray places one worker per accelerator and sets its CUDA_VISIBLE_DEVICES."""
+    resources = {"num_cpus": min(1.0, cluster.get("CPU", 1.0) / workers)}
+    gpus = cluster.get("GPU", 0.0)
+    if gpus > 0:
+        resources["num_gpus"] = min(1.0, gpus / workers)
+    return resources
 
 
 def _server_slots(session, kit: RayKit) -> list:
@@ -279,16 +301,28 @@ def _run_epoch(session, plan) -> EpochResult:
 
 
 def _drop_stuck(kit: RayKit, running: dict, restarting: dict, lost_at: dict, watchdog_s: float) -> None:
-    """A worker whose chunk takes longer than 8 x `--watchdog`, or whose restart takes longer than
-    `RESTART_TIMEOUT_S`, is dropped, not waited for."""
+    """A worker whose chunk takes longer than 8 x `--watchdog`, that does not answer the heartbeat
+    within `--watchdog` (stopped, its host cut off: it is killed), or that died and is not restarted
+    within `--watchdog`, is dropped, not waited for."""
     now = time.time()
     for position in list(restarting):
-        if now - lost_at[position] > RESTART_TIMEOUT_S:
+        if now - lost_at[position] > watchdog_s:
             del restarting[position]
             _drop(kit, position, now)
     for ref, (position, started) in list(running.items()):
         if now - started > max(watchdog_s, 1.0) * CHUNKS_PER_EPOCH:
             del running[ref]
+            _drop(kit, position, now)
+            continue
+        beat, since = kit.beats.get(position, (None, 0.0))
+        if beat is None:
+            if now - since >= BEAT_S:
+                kit.beats[position] = (kit.workers[position].info.remote(), now)
+        elif kit.ray.wait([beat], timeout=0)[0]:  # answered (a dead worker's chunk says so itself)
+            kit.beats[position] = (None, now)
+        elif now - since > watchdog_s:  # no answer: stopped, or its host is cut off
+            del running[ref], kit.beats[position]
+            kit.ray.kill(kit.workers[position], no_restart=True)
             _drop(kit, position, now)
 
 
