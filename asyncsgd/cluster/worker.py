@@ -3,8 +3,9 @@
 A worker builds its own session (its process's JAX, its compiled forward and backward units, the
 dataset read from its files) and runs the trainer's epoch function unchanged on its share of each
 chunk of batches. The only difference from a local run is its view of the model, `RemoteView`:
-reads pull from the stage servers, layer-wise commits push to them. It is a plain class here; the
-backend wraps it with `ray.remote`.
+reads pull from the stage servers, layer-wise commits push to them. A copies trainer's worker
+(LAP-SGD) keeps the session's own store as its copy instead and averages it through the same view
+(`RemoteView.average`). It is a plain class here; the backend wraps it with `ray.remote`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class RemoteView:
         self._pending: collections.deque = collections.deque()
         self.pulls = self.pull_bytes = self.push_bytes = self.pushes = 0
         self.waiting: Optional[tuple[str, float]] = None  # (what, since when) while a reply is awaited
+        self.tag = f"@{socket.gethostname()}:{os.getpid()}"  # after a thread's name: which worker process
 
     def read(self, stage: int) -> Slot:
         """The stage's newest parameters: fetched only when the server's version moved."""
@@ -93,7 +95,7 @@ class RemoteView:
         self.pushes += 1
         t_read += self.to_run_time
         self._pending.append(self.servers[self.owner[stage]].push.remote(
-            stage, host, version_read, f"{worker}@{socket.gethostname()}:{os.getpid()}", t_read))
+            stage, host, version_read, worker + self.tag, t_read))
         while len(self._pending) > MAX_PENDING_PUSHES:
             try:
                 oldest = self._pending.popleft()
@@ -182,7 +184,6 @@ class Worker:
         self.synced = not self.spec.copies  # a copy starts from the servers' parameters (a restart too)
         self.next_seq = 0
         self.t0 = t0
-        self.worker_tag = f"@{socket.gethostname()}:{os.getpid()}"
 
     def info(self) -> dict:
         return {"position": self.position, "host": socket.gethostname(), "pid": os.getpid()}
@@ -213,7 +214,7 @@ class Worker:
         losses = recorder.losses[done_before:]
         self.next_seq += len(losses)
         # updates applied here (a copy's): read times on the driver's time base, as the servers' are
-        updates = [(u.stage, u.version_read, u.version_commit, u.worker + self.worker_tag,
+        updates = [(u.stage, u.version_read, u.version_commit, u.worker + self.view.tag,
                     u.t_read + self.view.to_run_time) for u in recorder.updates]
         recorder.updates.clear()
         view = self.view
