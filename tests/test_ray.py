@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from conftest import has_fashion_mnist, replace
+from conftest import has_fashion_mnist, interrupt_run, replace
 
 from asyncsgd import TrainConfig, train
 from asyncsgd.config import validate
@@ -200,6 +200,35 @@ def test_a_dead_stage_server_stops_the_run_and_the_checkpoint_resumes_it(tmp_pat
     assert resumed["status"] == "complete" and resumed["epochs_completed"] == 2
     assert resumed["resumed_from_step"] >= 60
     assert resumed["test_accuracy"] > 0.8
+
+
+def test_ctrl_c_stops_a_ray_run_writes_its_outputs_and_stops_its_actors(tmp_path):
+    if not has_fashion_mnist():
+        pytest.skip("needs the Fashion-MNIST files (make dataset)")
+    out = tmp_path / "run"
+    argv = ["train", "--backend", "ray", "--ray-address", ray.get_runtime_context().gcs_address, "--trainer", "pdasgd",
+            "--devices", "2", "--model", "mlp", "--dataset", "fashion_mnist", "--epochs", "50", "--log-every", "1",
+            "--checkpoint-every", "1", "--no-progress", "--out", str(out)]
+    proc, _ = interrupt_run(argv, out, signal.SIGINT, train_records=3)
+    assert proc.returncode == 130, proc.stderr.read()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "interrupted" and summary["backend"] == "ray" and summary["steps"] >= 3
+    assert os.listdir(out / "checkpoints")  # the state to resume from
+    pids = [w["pid"] for w in summary["workers"]] + [s["pid"] for s in summary["stage_servers"]]
+    deadline = time.time() + 30
+    alive = pids
+    while alive and time.time() < deadline:
+        alive = [pid for pid in pids if _alive(pid)]
+        time.sleep(0.2)
+    assert not alive, f"actor processes left running after Ctrl+C: {alive}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
