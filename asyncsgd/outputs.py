@@ -21,8 +21,10 @@ from asyncsgd.errors import CheckpointError, ConfigError, OutputExists
 from asyncsgd.metrics import Recorder, peak_rss_mb
 
 # Configuration fields a resumed run may change (they do not change what is computed).
+# (`backend` and `ray_address` say where the run goes on, not what it computes: a Ray run's checkpoint
+# resumes on the local backend and the other way round, on the same --devices.)
 RESUMABLE_CHANGES = ("progress", "watchdog_s", "log_every", "overwrite", "checkpoint_every", "keep_checkpoints",
-                     "eval_batch_size")
+                     "eval_batch_size", "backend", "ray_address")
 # Fields added after runs were written, with the value that reproduces those runs (a config.json without
 # the field resumes as it was trained, whatever today's default is).
 LEGACY_DEFAULTS = {"staleness_correction": "none"}

@@ -5,7 +5,9 @@ the run resumed. One Ray instance for the whole module (starting one costs secon
 import csv
 import json
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -196,10 +198,20 @@ def test_a_dead_stage_server_stops_the_run_and_the_checkpoint_resumes_it(tmp_pat
     assert not thread.is_alive()
     assert isinstance(box.get("error"), WorkerError), box
     assert "stage server 1" in str(box["error"]) and "--resume" in str(box["error"])
+    elsewhere = str(tmp_path / "on_local")
+    shutil.copytree(config.out, elsewhere)  # the same checkpoint, to resume on the local backend too
     resumed = train(config, resume=True)
     assert resumed["status"] == "complete" and resumed["epochs_completed"] == 2
     assert resumed["resumed_from_step"] >= 60
     assert resumed["test_accuracy"] > 0.8
+    # ... and from the CLI on the local backend (threads on 2 local devices), the way a user would
+    result = subprocess.run([sys.executable, "-m", "asyncsgd", "train", "--resume", elsewhere, "--backend", "local",
+                             "--no-progress"], capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    with open(os.path.join(elsewhere, "summary.json"), encoding="utf-8") as handle:
+        on_local = json.load(handle)
+    assert on_local["status"] == "complete" and on_local["config"]["backend"] == "local"
+    assert on_local["resumed_from_step"] == resumed["resumed_from_step"] and on_local["test_accuracy"] > 0.8
 
 
 def test_ctrl_c_stops_a_ray_run_writes_its_outputs_and_stops_its_actors(tmp_path):
