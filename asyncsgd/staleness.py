@@ -16,26 +16,22 @@ and compose with the run's rule in `optim.make_optimizer` (`--staleness-correcti
             "Asynchronous SGD with Delay Compensation", ICML 2017): a first-order Taylor correction of
             the gradient towards w_now, with g * g standing in for the Hessian's diagonal; lambda 0.04
             as in MXNet's `dcasgd` optimiser (`--dc-lambda`).
-  momentum  momentum reduced as the staleness grows, because asynchrony already adds momentum of its
-            own (Mitliagkas et al., "Asynchrony begets momentum", arXiv 1605.09774) and because a
-            delayed heavy ball is far less stable than either delay or momentum alone: with mean
-            staleness s_bar the explicit momentum is mu_e = mu / (1 + s_bar) (mu at s_bar = 0). The
-            form is chosen for stability: on a quadratic, x' = (1 + mu) x - mu x_prev - a x_(t - tau),
-            the largest stable lr x curvature under `scale` is 3.8 in sync (tau 0, mu 0.9), 1.1-1.5
-            with mu / (1 + tau) for tau 1..8, but only 0.19-0.35 with the rule this replaced (keep the
-            total mean lag, mu_e / (1 - mu_e) = mu / (1 - mu) - s_bar, which leaves mu_e at 0.83-0.89
-            for tau 1..4; tested). That rule made the CNN on 4 devices jump to losses of 30 or
-            diverge in its first 20 steps (docs/usage.md, "Staleness"). s_bar is a per-stage running
-            mean of the staleness (exponential, `STALENESS_EMA`, bias-corrected), kept in the state.
+  momentum  momentum reduced by the momentum asynchrony already adds (Mitliagkas et al., "Asynchrony
+            begets momentum", arXiv 1605.09774): with mean staleness s_bar, asynchronous SGD behaves
+            like momentum SGD with an implicit momentum whose mean lag mu_i / (1 - mu_i) equals s_bar.
+            The explicit momentum keeps the total mean lag at the configured momentum's:
+            mu_e / (1 - mu_e) = max(0, mu / (1 - mu) - s_bar), so mu_e = mu at s_bar = 0 and mu_e = 0
+            once s_bar >= mu / (1 - mu) (9 for mu = 0.9). s_bar is a per-stage running mean of the
+            staleness (exponential, `STALENESS_EMA`, bias-corrected), kept in the state.
 
 Corrections combine, joined by commas, in the order dc, scale, momentum (`scale,momentum`: the
 adapted momentum trace of g / (1 + s)). The default is `scale,momentum`: measured on Fashion-MNIST (docs/usage.md,
 "Staleness"), `none` diverges with default flags on 4 devices; `scale` alone keeps every run finite
 because the stable learning rate of delayed SGD falls like 1 / staleness; adding `momentum` takes back
-momentum where the delay makes it unstable.
+the implicit momentum that the scaled steps still carry.
 
 A synchronous step passes s = 0 and w_read = w_now, where every correction is the identity, bit for
-bit (scale passes a fresh gradient through untouched; dc adds g * g * 0; momentum uses mu / 1 = mu),
+bit (scale passes a fresh gradient through untouched; dc adds g * g * 0; momentum uses mu exactly),
 so `sync`, `layerwise` and `ddp` compute what they computed before corrections existed (tested).
 """
 
@@ -127,9 +123,10 @@ def _debiased(mean, count, ema: float = STALENESS_EMA):
 
 
 def explicit_momentum(momentum: float, mean_staleness) -> jax.Array:
-    """mu / (1 + s_bar): the explicit momentum under mean staleness `mean_staleness` (module docstring)."""
+    """The explicit momentum that keeps the total mean lag at `momentum`'s (module docstring)."""
     mean_staleness = jnp.asarray(mean_staleness, jnp.float32)
-    return jnp.float32(momentum) / (1.0 + jnp.maximum(mean_staleness, 0.0))
+    lag = jnp.maximum(momentum / (1.0 - momentum) - mean_staleness, 0.0)
+    return jnp.where(mean_staleness > 0, lag / (1.0 + lag), jnp.float32(momentum))
 
 
 def staleness_momentum(momentum: float, nesterov: bool = False,
