@@ -9,6 +9,7 @@ reads the servers' parameters directly.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import logging
@@ -277,7 +278,7 @@ def _run_epoch(session, plan) -> EpochResult:
                 del restarting[position]
                 try:
                     kit.infos[position] = ray.get(ref)
-                except Exception as error:  # noqa: BLE001 - still restarting: ask again (_drop_stuck gives up)
+                except Exception as error:  # noqa: BLE001 - still restarting: ask again (_watch_workers gives up)
                     if not _is_actor_error(error):
                         raise
                     restarting[position] = kit.workers[position].info.remote()
@@ -288,7 +289,7 @@ def _run_epoch(session, plan) -> EpochResult:
                 recorder.log({"event": "worker_restarted", "position": position, "pid": kit.infos[position]["pid"]})
                 kit.write_workers()
                 submit(position)
-        _drop_stuck(kit, running, restarting, lost_at, config.watchdog_s)
+        _watch_workers(kit, running, restarting, lost_at, config.watchdog_s)
         _collect_updates(session, kit)
         recorder.tick()  # the run's periodic evaluation and checkpoints (on_tick)
     _collect_updates(session, kit)
@@ -300,7 +301,7 @@ def _run_epoch(session, plan) -> EpochResult:
                        averaging_rounds=rounds)
 
 
-def _drop_stuck(kit: RayKit, running: dict, restarting: dict, lost_at: dict, watchdog_s: float) -> None:
+def _watch_workers(kit: RayKit, running: dict, restarting: dict, lost_at: dict, watchdog_s: float) -> None:
     """A worker whose chunk takes longer than 8 x `--watchdog`, that does not answer the heartbeat
     within `--watchdog` (stopped, its host cut off: it is killed), or that died and is not restarted
     within `--watchdog`, is dropped, not waited for."""
@@ -340,11 +341,9 @@ def _summary(session) -> dict:
     traffic = [kit.traffic.get(position, {}) for position in range(len(kit.workers))]
     counted = {}
     if kit.copies:  # updates went to the workers' copies: count their records (the servers' versions count averages)
-        per_stage = [0] * len(session.model.stage_names)
-        for update in session.recorder.updates:
-            per_stage[update.stage] += 1
-        counted = {"updates_per_stage": dict(zip(session.model.stage_names, per_stage))}
-    return {**counted,"backend": "ray", "devices": len(kit.workers), "workers": kit.infos, "workers_lost": kit.workers_lost,
+        per_stage = collections.Counter(update.stage for update in session.recorder.updates)
+        counted = {"updates_per_stage": {name: per_stage[stage] for stage, name in enumerate(session.model.stage_names)}}
+    return {**counted, "backend": "ray", "devices": len(kit.workers), "workers": kit.infos, "workers_lost": kit.workers_lost,
             "workers_restarted": kit.workers_restarted, "workers_dropped": sorted(kit.dropped),
             "stage_servers": kit.server_infos,
             "pulls_per_worker": [t.get("pulls", 0) for t in traffic],

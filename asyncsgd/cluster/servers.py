@@ -20,6 +20,7 @@ from asyncsgd.config import TrainConfig
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
+from asyncsgd.trainers.lapsgd import tree_mean
 from asyncsgd.units import Units
 
 
@@ -105,7 +106,7 @@ class StageServer:
         and checkpointed) and their version counts averaging rounds."""
         self._latest[position] = [jax.device_put(tree) for tree in params]
         rows = [self._latest.get(member, self._base) for member in sorted(self._members | {position})]
-        means = [jax.tree_util.tree_map(lambda *leaves: sum(leaves) / len(leaves), *column) for column in zip(*rows)]
+        means = [tree_mean(column) for column in zip(*rows)]
         for local, mean in enumerate(means):
             self.store.commit(local, lambda params, opt_state, mean=mean: (mean, opt_state))
         return jax.device_get(means)

@@ -80,7 +80,7 @@ def staleness_bound(config) -> Optional[int]:
     return 2 * (window_size(config.workers, config.max_inflight, scope_devices) - 1)
 
 
-def _tree_mean(trees: Sequence[Any]) -> Any:
+def tree_mean(trees: Sequence[Any]) -> Any:
     """The element-wise mean of equally shaped pytrees (LAP-SGD's model average)."""
     return jax.tree_util.tree_map(lambda *leaves: sum(leaves) / len(leaves), *trees)
 
@@ -110,7 +110,7 @@ def _prepare(session: Session, partial: bool) -> Prepared:
     replicas = (store,) + tuple(ParamStore(store.names, *jax.device_put(trees, device))
                                 for device in session.devices[1:])
     slices = tuple(lpp_slices(len(store), config.workers)) if partial else ()
-    kit = LapKit(units.jit("average", _tree_mean), units.jit("shift", _tree_shift), slices,
+    kit = LapKit(units.jit("average", tree_mean), units.jit("shift", _tree_shift), slices,
                  tuple(units.jit(f"partial_grad/{a}-{b}", _partial_grad(units, a, b)) for a, b in slices))
     with units.compiling():
         outputs = []
