@@ -203,9 +203,10 @@ def bench(base: TrainConfig, names: Sequence[str], steps: int, out: Optional[str
               "stages": len(contenders[0].session.model.stages), "steps": steps, "rounds": rounds,
               "peak_flops": peak, "residuals": base.residuals, "peak_rss_mb": peak_rss_mb(), "rows": rows,
               "config": dataclasses.asdict(base),
-              # how each convolution's weight gradient was computed (asyncsgd/models/conv.py), by
+              # how each convolution was computed (asyncsgd/models/conv.py): "onednn", or XLA's with the
+              # weight gradient over the "whole batch" or in "chunks of K"; by
               # (batch, height, width, in channels, out channels, kernel h, kernel w, stride h, stride w)
-              "conv_weight_grad": {"x".join(map(str, key)): form for key, form in sorted(conv.CHOICES.items())}}
+              "convolutions": conv.describe_choices()}
     if peer_speed:
         result["peer"] = next(r["peer"] for r in rows if "peer" in r)
     if with_units:
@@ -311,9 +312,10 @@ def format_bench(result: dict) -> str:
             lines.append(f"| {u['stage']} | " + " | ".join(cells) + " |")
         lines.append(f"MFU: XLA's FLOP count of the unit / its time / the matmul peak "
                      f"({result['peak_flops'] / 1e9:.0f} GFLOP/s)")
-    if result.get("conv_weight_grad"):
-        lines += ["", "convolution weight gradients (batch x H x W x C_in x C_out x kernel x stride): " + "; ".join(
-            f"{key} {form}" for key, form in result["conv_weight_grad"].items())]
+    if result.get("convolutions"):
+        lines += ["", "convolutions (batch x H x W x C_in x C_out x kernel x stride: onednn, or XLA's with the weight "
+                  "gradient over the whole batch or in chunks): " + "; ".join(
+            f"{key} {form}" for key, form in result["convolutions"].items())]
     return "\n".join(lines)
 
 

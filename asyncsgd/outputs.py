@@ -19,6 +19,7 @@ from asyncsgd import checkpoint, staleness
 from asyncsgd.config import TrainConfig
 from asyncsgd.errors import CheckpointError, ConfigError, OutputExists
 from asyncsgd.metrics import Recorder, peak_rss_mb
+from asyncsgd.models import conv
 
 # Configuration fields a resumed run may change (they do not change what is computed).
 # (`backend` and `ray_address` say where the run goes on, not what it computes: a Ray run's checkpoint
@@ -210,5 +211,7 @@ def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_s
         "checkpoint": checkpoint_path,
         "diverged": None if diverged is None else {"step": diverged.step, "batch": diverged.seq,
                                                    "message": str(diverged)},
+        # how each convolution traced in this process was computed ("onednn", or XLA's form)
+        "convolutions": conv.describe_choices(),
         "jax_version": jax.__version__, "config": dataclasses.asdict(config),
     }

@@ -1,5 +1,10 @@
 """Per-stage units: gradients equal the whole-model gradient; each unit compiles once; the conv is exact."""
 
+import os
+import subprocess
+import sys
+import threading
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -9,8 +14,9 @@ import pytest
 from jax import lax
 
 from asyncsgd.models import cross_entropy, get_model
-from asyncsgd.models.conv import (CHOICES as conv_choices, CHUNK_BYTES, conv2d, counting_flops, same_padding,
-                                  weight_grad, weight_grad_chunk)
+from asyncsgd.errors import ConfigError
+from asyncsgd.models.conv import (CHOICES as conv_choices, CHUNK_BYTES, backend_for, conv2d, counting_flops,
+                                  same_padding, using, weight_grad, weight_grad_chunk)
 from asyncsgd.units import Units
 
 
@@ -146,9 +152,10 @@ def test_residual_modes_agree_on_the_fused_update():
     chex.assert_trees_all_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("form", ["xla", "onednn"])
 @pytest.mark.parametrize("shape", [(2, 9, 2, 4, 3, 1), (2, 28, 8, 16, 3, 2), (2, 8, 4, 8, 1, 2), (2, 7, 3, 5, 3, 2),
                                    (64, 32, 16, 16, 3, 1), (32, 56, 16, 32, 3, 2)])
-def test_conv2d_matches_lax_value_and_gradients(shape):
+def test_conv2d_matches_lax_value_and_gradients(shape, form):
     batch, size, in_c, out_c, kernel, stride = shape
     x = jax.random.normal(jax.random.PRNGKey(0), (batch, size, size, in_c))
     w = jax.random.normal(jax.random.PRNGKey(1), (kernel, kernel, in_c, out_c))
@@ -161,14 +168,16 @@ def test_conv2d_matches_lax_value_and_gradients(shape):
         y = lax.conv_general_dilated(x, w, (stride, stride), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return jnp.sum(jnp.sin(y))
 
-    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5)
+    with using(form):  # traced under the form (jax.jit: the eager calls would trace per primitive too)
+        value, ours_grads = jax.jit(jax.value_and_grad(ours, (0, 1)))(x, w)
+    np.testing.assert_allclose(value, reference(x, w), rtol=1e-5)
     # float32 sums over batch x positions: compared to the gradient's own scale
-    ours_grads, reference_grads = jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)
+    reference_grads = jax.grad(reference, (0, 1))(x, w)
     for mine, theirs in zip(ours_grads, reference_grads):
         chex.assert_trees_all_close(mine, theirs, rtol=1e-4, atol=1e-5 * float(jnp.max(jnp.abs(theirs))))
     out_size = -(-size // stride)
     chunk = weight_grad_chunk(batch, (out_size, out_size), (kernel, kernel), in_c, out_c)
-    expected = "whole batch" if chunk == batch else f"chunks of {chunk}"
+    expected = "onednn" if form == "onednn" else "whole batch" if chunk == batch else f"chunks of {chunk}"
     assert conv_choices[(batch, size, size, in_c, out_c, kernel, kernel, stride, stride)] == expected
 
 
@@ -201,6 +210,92 @@ def test_flop_counts_see_every_chunk_of_the_weight_gradient():
         counted = flops()
     assert products <= counted < 1.05 * products
     assert flops() < counted / 4  # the looped form, as XLA counts it: why the context exists
+
+
+def test_onednn_convolutions_from_several_threads_at_once_match_one_at_a_time():
+    # PD-ASGD's and Hogwild's threads run convolutions concurrently; a scratchpad shared between
+    # them (oneDNN's default) gave wrong values and hung a Hogwild run. Each thread here runs the same
+    # compiled forward+gradients on its own data, many times, while the others do.
+    shape_x, shape_w = (16, 14, 14, 32), (3, 3, 32, 32)
+    with using("onednn"):
+        step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (1, 1), ((1, 1), (1, 1))))),
+                                          (0, 1)))
+    inputs = [(jax.random.normal(jax.random.PRNGKey(i), shape_x), jax.random.normal(jax.random.PRNGKey(9), shape_w))
+              for i in range(4)]
+    expected = [jax.device_get(step(*pair)) for pair in inputs]  # one at a time
+    mismatches, errors = [], []
+
+    def work(index):
+        try:
+            for _ in range(25):
+                got = jax.device_get(step(*inputs[index]))
+                if not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected[index]))):
+                    mismatches.append(index)
+        except Exception as exc:  # noqa: BLE001 - handed to the main thread below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not any(thread.is_alive() for thread in threads), "a convolution thread hung"
+    assert not errors and not mismatches, (errors, sorted(set(mismatches)))
+
+
+def test_convolutions_fall_back_to_xla_when_onednn_cannot_be_built(tmp_path):
+    # A fresh cache and no compiler: the library cannot be built, auto takes XLA's form and says why,
+    # onednn asked for explicitly is a one-line configuration error.
+    script = """
+import jax, jax.numpy as jnp
+from asyncsgd.models import conv, onednn
+print(onednn.status())
+x, w = jnp.ones((2, 6, 6, 3)), jnp.ones((3, 3, 3, 4))
+jax.jit(jax.grad(lambda x: jnp.sum(conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1))))))(x)
+print(sorted(set(conv.CHOICES.values())))
+try:
+    with conv.using("onednn"):
+        jax.jit(lambda x: conv.conv2d(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x)
+except conv.ConfigError as exc:
+    print("error:", exc)
+"""
+    env = {**os.environ, "ASYNCSGD_CACHE": str(tmp_path), "CXX": "no-such-compiler", "ASYNCSGD_CONV": "auto"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status, forms, error = done.stdout.strip().splitlines()
+    assert status == "(False, 'oneDNN unavailable: no C++ compiler (no-such-compiler) to build the oneDNN convolutions')"
+    assert forms == "['whole batch']"
+    assert error == "error: ASYNCSGD_CONV=onednn: oneDNN unavailable: no C++ compiler (no-such-compiler) to build the oneDNN convolutions"
+    assert not list(tmp_path.iterdir())  # nothing half-built left in the cache
+
+
+def test_convolution_form_follows_dtype_and_request():
+    assert backend_for(jnp.float32) == "onednn"  # built here (CI installs the wheels and g++)
+    assert backend_for(jnp.bfloat16) == "xla"
+    with using("xla"):
+        assert backend_for(jnp.float32) == "xla"
+    with counting_flops():
+        assert backend_for(jnp.float32) == "xla"
+    with using("onednn"), pytest.raises(ConfigError, match="float32 only"):
+        backend_for(jnp.bfloat16)
+    with pytest.raises(ConfigError, match="expected one of auto, onednn, xla"):
+        with using("mkl"):
+            pass
+
+
+def test_flop_count_of_a_onednn_backward_unit_is_the_xla_forms():
+    # the backward units replay the pullbacks made by oneDNN forwards: their counts must still see the
+    # convolutions' arithmetic (a custom call counts as nothing), as in units compiled with XLA's form
+    model, params, states, x, labels = _tiny("cnn")
+    counted = {}
+    for form in ("onednn", "xla"):
+        with using(form):
+            units = Units(model, optax.sgd(0.1), "stash")
+            _stagewise_grads(units, params, states, x, labels)
+        counted[form] = {name: units.unit_flops(name) for name in units.signatures if "block" in name}
+    assert counted["onednn"].keys() == counted["xla"].keys() and len(counted["xla"]) >= 6
+    for name, flops in counted["xla"].items():
+        assert flops > 0 and counted["onednn"][name] == pytest.approx(flops, rel=1e-6), name
 
 
 def test_cross_entropy_is_mean_over_batch():

@@ -1,22 +1,30 @@
-"""A 2-D convolution whose weight gradient is computed as shifted matrix products, in cache-sized chunks.
+"""A 2-D convolution for the CPU: oneDNN's kernels where they can be built, else XLA's own with a
+weight gradient as shifted matrix products in cache-sized chunks.
 
-Why: on XLA's CPU backend the weight gradient of a convolution (the "backward filter" convolution,
-which contracts over batch x height x width) is the slow part of a training step. Its form here: one
-(rows x C_in)^T (rows x C_out) matrix product per kernel offset over shifted views of the padded input,
-summed over chunks of the batch small enough that a chunk's views and output gradient stay in cache
-(`weight_grad_chunk`). Measured on this 2-core machine (jax 0.10.2, Xeon with AVX-512), batch 128,
-28x28, 32 -> 32 channels, 3x3: XLA's own weight gradient 54 ms, the nine shifted products over the
-whole batch at once 49 ms (XLA materialises every 12.8 MB view: the products themselves take 1.5 ms
-each), the same in chunks of 4 images 23 ms; 32x32, 64 -> 64 (ResNet-18's first group) 220 -> 110 ms.
-Where a chunk would hold most of the batch (small feature maps: 7x7, 4x4) the whole-batch form is
-as fast and is kept. The chunk size is a fixed function of the shapes (not timed at compile time), so
-the same model always computes the same sums in the same order on every machine.
+Which form a convolution takes is decided once, when it is traced (`backend_for`): `onednn` (the
+forward, the input gradient and the weight gradient as FFI custom calls into oneDNN,
+`asyncsgd/models/onednn.py`) on the CPU for float32 when the library builds, otherwise `xla`.
+`ASYNCSGD_CONV=auto|onednn|xla` (or `using(name)` around the compilation) chooses: `auto` (default)
+takes oneDNN when available, `onednn` fails with the reason when it is not, `xla` never uses it.
+FLOP counts (`counting_flops()`) always trace the XLA form: XLA's cost analysis cannot see inside a
+custom call. `CHOICES` records every shape traced in this process and its form (the bench prints it).
 
-The forward convolution and the input gradient keep XLA's own: every matrix-product form of them
-measured (shifted products, im2col, in chunks or not) was slower, by 1.2-4x (docs/measurements.md).
+Measured on this 2-core machine (jax 0.10.2, Xeon with AVX-512, batch 128; docs/measurements.md):
+one 3x3 convolution 28x28, 32 -> 32 channels, oneDNN forward 6.3 ms, input gradient 6.2, weight
+gradient 6.0; XLA's forward 15.6, input gradient 19.0 and the chunked weight gradient below 31.
 
-`conv2d` is exact up to float32 summation order: the tests compare its value and both gradients with
-`lax.conv_general_dilated`.
+The XLA form's weight gradient. On XLA's CPU backend the weight gradient of a convolution (the
+"backward filter" convolution, which contracts over batch x height x width) is the slow part of a
+training step. Its form here: one (rows x C_in)^T (rows x C_out) matrix product per kernel offset over
+shifted views of the padded input, summed over chunks of the batch small enough that a chunk's views
+and output gradient stay in cache (`weight_grad_chunk`): 28x28, 32 -> 32: XLA's own 54 ms, the nine
+products over the whole batch 49 ms, in chunks of 4 images 23 ms (an earlier measurement of the same
+shape). Where a chunk would hold most of the batch (small feature maps: 7x7, 4x4) the whole-batch form
+is as fast and is kept. The chunk size is a fixed function of the shapes (not timed at compile time).
+Every matrix-product form of the forward and the input gradient measured was slower than XLA's.
+
+`conv2d` is exact up to float32 summation order in either form: the tests compare its value and both
+gradients with `lax.conv_general_dilated`.
 """
 
 from __future__ import annotations
@@ -24,12 +32,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import os
 from typing import Iterator, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from asyncsgd.errors import ConfigError
+from asyncsgd.models import onednn
 
 _DIMS = ("NHWC", "HWIO", "NHWC")
 
@@ -45,15 +57,68 @@ def _conv(x, w, strides, padding):
     return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_DIMS)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+BACKENDS = ("auto", "onednn", "xla")
+_BACKEND = contextvars.ContextVar("asyncsgd_conv_backend", default=None)
+
+
+def requested_backend() -> str:
+    """The form asked for: `using(...)` if active, else `$ASYNCSGD_CONV`, else `auto`."""
+    name = _BACKEND.get() or os.environ.get("ASYNCSGD_CONV") or "auto"
+    if name not in BACKENDS:
+        raise ConfigError(f"ASYNCSGD_CONV={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
+@contextlib.contextmanager
+def using(name: str) -> Iterator[None]:
+    """Convolutions traced inside take form `name` (auto, onednn or xla)."""
+    if name not in BACKENDS:
+        raise ConfigError(f"convolution form {name!r}: expected one of {', '.join(BACKENDS)}")
+    token = _BACKEND.set(name)
+    try:
+        yield
+    finally:
+        _BACKEND.reset(token)
+
+
+def backend_for(dtype) -> str:
+    """`onednn` or `xla` for a convolution of `dtype` traced now (see the module docstring)."""
+    requested = requested_backend()
+    if requested == "xla" or _COUNTING_FLOPS.get():
+        return "xla"
+    if jax.default_backend() != "cpu":
+        reason = f"oneDNN convolutions run on the CPU only (JAX's backend is {jax.default_backend()})"
+    elif jnp.dtype(dtype) != jnp.float32:
+        reason = f"oneDNN convolutions are built for float32 only (got {jnp.dtype(dtype)})"
+    else:
+        available, reason = onednn.status()
+        if available:
+            return "onednn"
+    if requested == "onednn":
+        raise ConfigError(f"ASYNCSGD_CONV=onednn: {reason}")
+    return "xla"
+
+
 def conv2d(x_BxHxWxC: jax.Array, w_KhxKwxCxO: jax.Array, strides: tuple[int, int],
            padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    """NHWC / HWIO convolution with explicit padding; see the module docstring for its gradient."""
-    return _conv(x_BxHxWxC, w_KhxKwxCxO, strides, padding)
+    """NHWC / HWIO convolution with explicit padding, in the form `backend_for` picks."""
+    form = backend_for(x_BxHxWxC.dtype)
+    if form == "onednn":
+        CHOICES[_shape_key(x_BxHxWxC, w_KhxKwxCxO, strides)] = "onednn"
+    return _conv2d(x_BxHxWxC, w_KhxKwxCxO, tuple(strides), tuple(map(tuple, padding)), form)
 
 
-def _conv2d_fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+def _shape_key(x, w, strides) -> tuple:
+    return (*x.shape, w.shape[-1], *w.shape[:2], *strides)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv2d(x, w, strides, padding, form):
+    return onednn.forward(x, w, strides, padding) if form == "onednn" else _conv(x, w, strides, padding)
+
+
+def _conv2d_fwd(x, w, strides, padding, form):
+    return _conv2d(x, w, strides, padding, form), (x, w)
 
 
 # Bytes of one chunk's working set (its views, one row per output position and kernel offset, and its
@@ -64,8 +129,14 @@ CHUNK_BYTES = 6 * 2 ** 20
 MIN_CHUNKS = 4
 MIN_POSITIONS = 64
 
-# Every weight-gradient shape traced in this process and the form chosen for it (the bench prints it).
+# Every convolution shape traced in this process and its form: "onednn", or XLA's with the weight
+# gradient over the "whole batch" or in "chunks of K" (the bench prints it).
 CHOICES: dict[tuple, str] = {}
+
+def describe_choices() -> dict[str, str]:
+    """`CHOICES` with readable keys: "BxHxWxC_inxC_outxKhxKwxShxSw" -> form."""
+    return {"x".join(map(str, key)): form for key, form in sorted(CHOICES.items())}
+
 
 # XLA's cost analysis counts a loop's body once, not once per trip: FLOP counts trace the whole-batch
 # form (the same arithmetic) under `counting_flops()`.
@@ -113,7 +184,7 @@ def weight_grad(x_BxHxWxC, dy_BxHoxWoxO, kernel: tuple[int, int], strides, paddi
     counting = _COUNTING_FLOPS.get()
     chunk = batch if counting else weight_grad_chunk(batch, (out_h, out_w), kernel, in_c, out_c)
     if not counting:
-        CHOICES[(batch, *x_BxHxWxC.shape[1:], out_c, *kernel, *strides)] = (
+        CHOICES[(*x_BxHxWxC.shape, out_c, *kernel, *strides)] = (
             "whole batch" if chunk == batch else f"chunks of {chunk}")
     if chunk == batch:
         grads = _offset_products(x_pad, dy_BxHoxWoxO.reshape(-1, out_c), kernel, strides, (out_h, out_w))
@@ -129,14 +200,19 @@ def weight_grad(x_BxHxWxC, dy_BxHoxWoxO, kernel: tuple[int, int], strides, paddi
     return grads.reshape(kernel[0], kernel[1], in_c, out_c)
 
 
-def _conv2d_bwd(strides, padding, residuals, dy):
+def _conv2d_bwd(strides, padding, form, residuals, dy):
     x, w = residuals
+    # a FLOP count of a backward unit traces this rule again (with the form of the forward pass that
+    # made the residuals): it takes the XLA form, which the cost analysis can see into
+    if form == "onednn" and not _COUNTING_FLOPS.get():
+        return (onednn.input_grad(dy, w, x.shape, strides, padding),
+                onednn.weight_grad(x, dy, w.shape, strides, padding))
     _, pullback = jax.vjp(lambda x_: _conv(x_, w, strides, padding), x)
     (dx,) = pullback(dy)
     return dx, weight_grad(x, dy, w.shape[:2], strides, padding).astype(w.dtype)
 
 
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 class Conv(nn.Module):
