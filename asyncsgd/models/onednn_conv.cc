@@ -15,6 +15,7 @@
 
 #include <array>
 #include <cstdint>
+#include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -163,6 +164,8 @@ ffi::Error Run(Kind kind, const Geometry& g, void* activations, void* kernel, vo
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error(ffi::ErrorCode::kInternal, std::string("oneDNN convolution: ") + e.what());
+  } catch (const std::exception& e) {  // e.g. no memory for a scratchpad: an error, not a terminate
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, std::string("oneDNN convolution: ") + e.what());
   }
   return ffi::Error::Success();
 }
