@@ -61,20 +61,21 @@ BACKENDS = ("auto", "onednn", "xla")
 _BACKEND = contextvars.ContextVar("asyncsgd_conv_backend", default=None)
 
 
+def _known(name: str, what: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"{what}={name!r}: expected one of {', '.join(BACKENDS)}")
+    return name
+
+
 def requested_backend() -> str:
     """The form asked for: `using(...)` if active, else `$ASYNCSGD_CONV`, else `auto`."""
-    name = _BACKEND.get() or os.environ.get("ASYNCSGD_CONV") or "auto"
-    if name not in BACKENDS:
-        raise ConfigError(f"ASYNCSGD_CONV={name!r}: expected one of {', '.join(BACKENDS)}")
-    return name
+    return _BACKEND.get() or _known(os.environ.get("ASYNCSGD_CONV") or "auto", "ASYNCSGD_CONV")
 
 
 @contextlib.contextmanager
 def using(name: str) -> Iterator[None]:
     """Convolutions traced inside take form `name` (auto, onednn or xla)."""
-    if name not in BACKENDS:
-        raise ConfigError(f"convolution form {name!r}: expected one of {', '.join(BACKENDS)}")
-    token = _BACKEND.set(name)
+    token = _BACKEND.set(_known(name, "convolution form"))
     try:
         yield
     finally:
@@ -104,12 +105,13 @@ def conv2d(x_BxHxWxC: jax.Array, w_KhxKwxCxO: jax.Array, strides: tuple[int, int
     """NHWC / HWIO convolution with explicit padding, in the form `backend_for` picks."""
     form = backend_for(x_BxHxWxC.dtype)
     if form == "onednn":
-        CHOICES[_shape_key(x_BxHxWxC, w_KhxKwxCxO, strides)] = "onednn"
+        CHOICES[_shape_key(x_BxHxWxC.shape, w_KhxKwxCxO.shape[-1], w_KhxKwxCxO.shape[:2], strides)] = "onednn"
     return _conv2d(x_BxHxWxC, w_KhxKwxCxO, tuple(strides), tuple(map(tuple, padding)), form)
 
 
-def _shape_key(x, w, strides) -> tuple:
-    return (*x.shape, w.shape[-1], *w.shape[:2], *strides)
+def _shape_key(input_shape, out_c, kernel, strides) -> tuple:
+    """`CHOICES`' key: (batch, height, width, in channels, out channels, kernel h, kernel w, strides)."""
+    return (*input_shape, out_c, *kernel, *strides)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -184,7 +186,7 @@ def weight_grad(x_BxHxWxC, dy_BxHoxWoxO, kernel: tuple[int, int], strides, paddi
     counting = _COUNTING_FLOPS.get()
     chunk = batch if counting else weight_grad_chunk(batch, (out_h, out_w), kernel, in_c, out_c)
     if not counting:
-        CHOICES[(*x_BxHxWxC.shape, out_c, *kernel, *strides)] = (
+        CHOICES[_shape_key(x_BxHxWxC.shape, out_c, kernel, strides)] = (
             "whole batch" if chunk == batch else f"chunks of {chunk}")
     if chunk == batch:
         grads = _offset_products(x_pad, dy_BxHoxWoxO.reshape(-1, out_c), kernel, strides, (out_h, out_w))

@@ -75,13 +75,17 @@ def _build() -> Path:
     return out
 
 
+def _target(name: str) -> str:
+    """The FFI target name of handler `name` (a key of `TARGETS`)."""
+    return f"asyncsgd_onednn_conv_{name}"
+
+
 def _load() -> None:
     try:
         path = _build()
         lib = ctypes.CDLL(str(path))
         for name, symbol in TARGETS.items():
-            jax.ffi.register_ffi_target(f"asyncsgd_onednn_conv_{name}", jax.ffi.pycapsule(getattr(lib, symbol)),
-                                        platform="cpu")
+            jax.ffi.register_ffi_target(_target(name), jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
         _state.update(available=True, reason=f"oneDNN ({path.name})", library=lib)
     except (RuntimeError, OSError, subprocess.SubprocessError, AttributeError) as exc:
         _state.update(available=False, reason=f"oneDNN unavailable: {exc}")
@@ -99,10 +103,12 @@ def _out_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:
     return (size + pad[0] + pad[1] - kernel) // stride + 1
 
 
-def _attrs(strides, padding) -> dict:
+def _call(name: str, shape, dtype, first, second, strides, padding):
+    """Handler `name` on (first, second), returning an array of `shape`."""
     (sh, sw), ((ph, ph2), (pw, pw2)) = strides, padding
-    return {"sh": np.int64(sh), "sw": np.int64(sw), "ph": np.int64(ph), "pw": np.int64(pw),
-            "ph2": np.int64(ph2), "pw2": np.int64(pw2)}
+    call = jax.ffi.ffi_call(_target(name), jax.ShapeDtypeStruct(tuple(shape), dtype))
+    return call(first, second, sh=np.int64(sh), sw=np.int64(sw), ph=np.int64(ph), pw=np.int64(pw),
+                ph2=np.int64(ph2), pw2=np.int64(pw2))
 
 
 def forward(x_BxHxWxC, w_KhxKwxCxO, strides, padding):
@@ -111,19 +117,14 @@ def forward(x_BxHxWxC, w_KhxKwxCxO, strides, padding):
     kh, kw, _, out_c = w_KhxKwxCxO.shape
     shape = (batch, _out_size(height, kh, strides[0], padding[0]), _out_size(width, kw, strides[1], padding[1]),
              out_c)
-    call = jax.ffi.ffi_call("asyncsgd_onednn_conv_forward", jax.ShapeDtypeStruct(shape, x_BxHxWxC.dtype))
-    return call(x_BxHxWxC, w_KhxKwxCxO, **_attrs(strides, padding))
+    return _call("forward", shape, x_BxHxWxC.dtype, x_BxHxWxC, w_KhxKwxCxO, strides, padding)
 
 
 def input_grad(dy_BxHoxWoxO, w_KhxKwxCxO, input_shape, strides, padding):
     """d loss / d input, given d loss / d output."""
-    call = jax.ffi.ffi_call("asyncsgd_onednn_conv_input_grad", jax.ShapeDtypeStruct(tuple(input_shape),
-                                                                                 dy_BxHoxWoxO.dtype))
-    return call(dy_BxHoxWoxO, w_KhxKwxCxO, **_attrs(strides, padding))
+    return _call("input_grad", input_shape, dy_BxHoxWoxO.dtype, dy_BxHoxWoxO, w_KhxKwxCxO, strides, padding)
 
 
 def weight_grad(x_BxHxWxC, dy_BxHoxWoxO, kernel_shape, strides, padding):
     """d loss / d kernel (HWIO), given the input and d loss / d output."""
-    call = jax.ffi.ffi_call("asyncsgd_onednn_conv_weight_grad", jax.ShapeDtypeStruct(tuple(kernel_shape),
-                                                                                  dy_BxHoxWoxO.dtype))
-    return call(x_BxHxWxC, dy_BxHoxWoxO, **_attrs(strides, padding))
+    return _call("weight_grad", kernel_shape, dy_BxHoxWoxO.dtype, x_BxHxWxC, dy_BxHoxWoxO, strides, padding)

@@ -59,13 +59,19 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
 
 enum class Kind { kForward, kInputGrad, kWeightGrad };
 
+// The backward-data or backward-weights descriptor (`Desc`) of the convolution `hint` describes.
+template <typename Desc>
+Desc BackwardDesc(const Geometry& g, const dnnl::convolution_forward::primitive_desc& hint) {
+  return Desc(Engine(), dnnl::algorithm::convolution_direct, Activations(g), Kernel(g, Tag::any), Outputs(g),
+              {g[SH], g[SW]}, {g[PH], g[PW]}, {g[PH2], g[PW2]}, hint, OwnScratchpad());
+}
+
 // A primitive for one (kind, shape), with the reorder between XLA's HWIO kernel and the layout the
-// primitive wants (absent when they are the same).
+// primitive wants (an empty handle when they are the same).
 struct Prepared {
   dnnl::primitive primitive;
   memory::desc scratchpad_desc;
   memory::desc kernel_desc;
-  bool reorder = false;
   dnnl::reorder kernel_reorder;
   memory::desc reorder_scratchpad_desc;
 };
@@ -79,22 +85,17 @@ Prepared Prepare(Kind kind, const Geometry& g) {
     p.scratchpad_desc = hint.scratchpad_desc();
     p.kernel_desc = hint.weights_desc();
   } else if (kind == Kind::kInputGrad) {
-    dnnl::convolution_backward_data::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, Activations(g), Kernel(g, Tag::any), Outputs(g),
-        {g[SH], g[SW]}, {g[PH], g[PW]}, {g[PH2], g[PW2]}, hint, OwnScratchpad());
+    auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g, hint);
     p.primitive = dnnl::convolution_backward_data(pd);
     p.scratchpad_desc = pd.scratchpad_desc();
     p.kernel_desc = pd.weights_desc();
   } else {
-    dnnl::convolution_backward_weights::primitive_desc pd(
-        Engine(), dnnl::algorithm::convolution_direct, Activations(g), Kernel(g, Tag::any), Outputs(g),
-        {g[SH], g[SW]}, {g[PH], g[PW]}, {g[PH2], g[PW2]}, hint, OwnScratchpad());
+    auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g, hint);
     p.primitive = dnnl::convolution_backward_weights(pd);
     p.scratchpad_desc = pd.scratchpad_desc();
     p.kernel_desc = pd.diff_weights_desc();
   }
   if (p.kernel_desc != hwio) {
-    p.reorder = true;
     auto pd = kind == Kind::kWeightGrad
         ? dnnl::reorder::primitive_desc(Engine(), p.kernel_desc, Engine(), hwio, OwnScratchpad())
         : dnnl::reorder::primitive_desc(Engine(), hwio, Engine(), p.kernel_desc, OwnScratchpad());
@@ -118,18 +119,19 @@ Geometry Shapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, ffi::Spa
   return {x[0], x[1], x[2], x[3], w[0], w[1], w[3], y[1], y[2], sh, sw, ph, pw, ph2, pw2};
 }
 
-// This thread's scratchpad for `desc`: one buffer per thread, grown when a primitive needs more. A
-// thread runs one convolution at a time, so its buffer is never used twice at once.
-memory Scratchpad(const memory::desc& desc) {
-  thread_local std::unique_ptr<char[]> buffer;
-  thread_local size_t capacity = 0;
+// Memory for `desc` in this thread's buffer number `slot` (0: the primitive's scratchpad, 1: the kernel
+// in the primitive's layout), grown when a primitive needs more. A thread runs one convolution at a time,
+// so its buffers are never used twice at once, and the hot path allocates nothing once they have grown.
+memory ThreadBuffer(int slot, const memory::desc& desc) {
+  thread_local std::array<std::unique_ptr<char[]>, 2> buffers;
+  thread_local std::array<size_t, 2> capacities{};
   const size_t size = desc.get_size() + 64;
-  if (size > capacity) {
-    buffer.reset(new char[size]);
-    capacity = size;
+  if (size > capacities[slot]) {
+    buffers[slot].reset(new char[size]);
+    capacities[slot] = size;
   }
-  // oneDNN wants 64-byte aligned scratchpads
-  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buffer.get()) + 63) & ~uintptr_t{63});
+  // oneDNN wants 64-byte aligned buffers
+  void* aligned = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(buffers[slot].get()) + 63) & ~uintptr_t{63});
   return memory(desc, Engine(), aligned);
 }
 
@@ -138,28 +140,29 @@ memory Scratchpad(const memory::desc& desc) {
 ffi::Error Run(Kind kind, const Geometry& g, void* activations, void* kernel, void* outputs) {
   try {
     const Prepared& p = Cached(kind, g);
-    dnnl::stream stream(Engine());
+    thread_local dnnl::stream stream(Engine());
+    const bool reorder = static_cast<bool>(p.kernel_reorder);
     memory act(Activations(g), Engine(), activations);
     memory out(Outputs(g), Engine(), outputs);
     memory hwio(Kernel(g, Tag::hwio), Engine(), kernel);
-    memory ker = p.reorder ? memory(p.kernel_desc, Engine()) : hwio;
+    memory ker = reorder ? ThreadBuffer(1, p.kernel_desc) : hwio;
     auto reorder_kernel = [&](memory& from, memory& to) {  // its scratchpad (usually none) is its own
       memory scratch(p.reorder_scratchpad_desc, Engine());
       p.kernel_reorder.execute(stream, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}, {DNNL_ARG_SCRATCHPAD, scratch}});
     };
-    memory scratch = Scratchpad(p.scratchpad_desc);
+    memory scratch = ThreadBuffer(0, p.scratchpad_desc);
     if (kind == Kind::kForward) {
-      if (p.reorder) reorder_kernel(hwio, ker);
+      if (reorder) reorder_kernel(hwio, ker);
       p.primitive.execute(stream, {{DNNL_ARG_SRC, act}, {DNNL_ARG_WEIGHTS, ker}, {DNNL_ARG_DST, out},
                                    {DNNL_ARG_SCRATCHPAD, scratch}});
     } else if (kind == Kind::kInputGrad) {
-      if (p.reorder) reorder_kernel(hwio, ker);
+      if (reorder) reorder_kernel(hwio, ker);
       p.primitive.execute(stream, {{DNNL_ARG_DIFF_DST, out}, {DNNL_ARG_WEIGHTS, ker}, {DNNL_ARG_DIFF_SRC, act},
                                    {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
       p.primitive.execute(stream, {{DNNL_ARG_SRC, act}, {DNNL_ARG_DIFF_DST, out}, {DNNL_ARG_DIFF_WEIGHTS, ker},
                                    {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (p.reorder) reorder_kernel(ker, hwio);
+      if (reorder) reorder_kernel(ker, hwio);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
