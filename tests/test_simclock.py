@@ -66,6 +66,16 @@ def test_one_thread_at_a_time_and_each_device_one_unit_at_a_time():
     assert clock.busy_s == {0: 6.0, 1: 3.0}
 
 
+def test_a_crew_ends_when_its_last_worker_does_not_at_the_next_poll():
+    # The coordinator polls every 50 ms of the run's clock; a finishing worker wakes it, so a crew's
+    # (an epoch's) virtual time is its work alone (it used to end at the coordinator's next poll).
+    clock = _clock(units={"unit": 0.001})
+    crew = Crew("end", watchdog_s=1e6, clock=clock)
+    crew.spawn("a", lambda worker: [clock.compute(0, "unit") for _ in range(3)])
+    crew.run()
+    assert clock.now() == pytest.approx(0.003, abs=1e-12)
+
+
 def test_transfers_allreduce_sleep_and_notify_in_virtual_time():
     clock = _clock(bandwidth=1e9, latency=1e-3)
     crew = Crew("links", watchdog_s=1e6, clock=clock)

@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from asyncsgd.clock import WallClock
 from asyncsgd.workers import Channel, Crew, StallError, Window, WorkerError
 
 pytestmark = pytest.mark.timeout(60)
@@ -34,6 +35,31 @@ def test_stream_with_several_producers_and_consumers_delivers_everything_once():
         crew.spawn(f"c{index}", _consumer, channel, sink)
     crew.run()
     assert sorted(sink) == sorted(list(range(50)) * 3)
+    assert crew.alive() == []
+
+
+class _RecordingClock(WallClock):
+    """The wall clock, recording how each of the coordinator's waits ended (True: woken)."""
+
+    def __init__(self):
+        self.coordinator_waits = []
+
+    def wait(self, waitable, timeout):
+        woken = super().wait(waitable, timeout)
+        if threading.current_thread() is threading.main_thread():
+            self.coordinator_waits.append(woken)
+        return woken
+
+
+def test_the_coordinator_is_woken_when_the_last_worker_finishes():
+    # Without the wake-up the coordinator noticed a finished crew only when its 50 ms poll ran out
+    # (measured: up to 50 ms at the end of every epoch, a third of a 30-step bench round).
+    clock = _RecordingClock()
+    crew = Crew("t", watchdog_s=30, clock=clock)
+    crew.spawn("slow", lambda worker: worker.sleep(0.12))  # outlasts two polls
+    crew.run()
+    assert len(clock.coordinator_waits) >= 2
+    assert clock.coordinator_waits[-1] is True
     assert crew.alive() == []
 
 
