@@ -205,8 +205,9 @@ def bench(base: TrainConfig, names: Sequence[str], steps: int, out: Optional[str
               "config": dataclasses.asdict(base),
               # how each convolution was computed (asyncsgd/models/conv.py): "onednn", or XLA's with the
               # weight gradient over the "whole batch" or in "chunks of K"; by
-              # (batch, height, width, in channels, out channels, kernel h, kernel w, stride h, stride w)
-              "convolutions": conv.describe_choices()}
+              # (batch, height, width, in channels, out channels, kernel h, kernel w, stride h, stride w),
+              # at the benched batch size
+              "convolutions": conv.describe_choices(base.batch_size)}
     if peer_speed:
         result["peer"] = next(r["peer"] for r in rows if "peer" in r)
     if with_units:

@@ -16,7 +16,7 @@ from jax import lax
 from asyncsgd.models import cross_entropy, get_model
 from asyncsgd.errors import ConfigError
 from asyncsgd.models.conv import (CHOICES as conv_choices, CHUNK_BYTES, backend_for, conv2d, counting_flops,
-                                  same_padding, using, weight_grad, weight_grad_chunk)
+                                  describe_choices, same_padding, using, weight_grad, weight_grad_chunk)
 from asyncsgd.units import Units
 
 
@@ -281,6 +281,15 @@ def test_convolution_form_follows_dtype_and_request():
     with pytest.raises(ConfigError, match="expected one of auto, onednn, xla"):
         with using("mkl"):
             pass
+
+
+def test_convolution_choices_are_recorded_per_shape_and_filtered_by_batch():
+    w = jnp.ones((3, 3, 5, 7))
+    for batch in (3, 6):  # sizes no other test uses
+        jax.jit(lambda x: conv2d(x, w, (1, 1), ((1, 1), (1, 1))))(jnp.ones((batch, 11, 11, 5)))
+    assert describe_choices()["3x11x11x5x7x3x3x1x1"] == describe_choices()["6x11x11x5x7x3x3x1x1"] == "onednn"
+    only = describe_choices(6)
+    assert "6x11x11x5x7x3x3x1x1" in only and all(key.startswith("6x") for key in only)
 
 
 def test_flop_count_of_a_onednn_backward_unit_is_the_xla_forms():

@@ -33,7 +33,7 @@ import contextlib
 import contextvars
 import functools
 import os
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -135,9 +135,11 @@ MIN_POSITIONS = 64
 # gradient over the "whole batch" or in "chunks of K" (the bench prints it).
 CHOICES: dict[tuple, str] = {}
 
-def describe_choices() -> dict[str, str]:
-    """`CHOICES` with readable keys: "BxHxWxC_inxC_outxKhxKwxShxSw" -> form."""
-    return {"x".join(map(str, key)): form for key, form in sorted(CHOICES.items())}
+def describe_choices(batch: Optional[int] = None) -> dict[str, str]:
+    """`CHOICES` with readable keys: "BxHxWxC_inxC_outxKhxKwxShxSw" -> form; only those of batch size
+    `batch` when given (leaving out, say, the small batches units are first compiled at)."""
+    return {"x".join(map(str, key)): form for key, form in sorted(CHOICES.items())
+            if batch is None or key[0] == batch}
 
 
 # XLA's cost analysis counts a loop's body once, not once per trip: FLOP counts trace the whole-batch
