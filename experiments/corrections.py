@@ -31,14 +31,18 @@ DEVICES = (1, 4)
 CHECK_DEVICES = (1, 2, 4)  # --check-defaults
 
 
-def arms(preset: dict, data_dir, devices=DEVICES, corrections=CORRECTIONS) -> list[Arm]:
-    """sync, then pdasgd under every correction, on each device count (sync: one device, the reference)."""
+def arms(preset: dict, data_dir, devices=DEVICES, corrections=CORRECTIONS, placement="replicated") -> list[Arm]:
+    """sync, then pdasgd under every correction, on each device count (sync: one device, the reference);
+    `placement` applies to the runs on several devices (`split`: one forward device, the others backward)."""
     base = TrainConfig(**preset, data_dir=data_dir, progress=False)
     out = [Arm("sync", dataclasses.replace(base, trainer="sync"), {"devices": 1, "correction": "-"})]
     for count in devices:
+        where = placement if count > 1 else "replicated"
         for correction in corrections:
-            config = dataclasses.replace(base, trainer="pdasgd", devices=count, staleness_correction=correction)
-            out.append(Arm(f"pdasgd {correction} x{count}", config, {"devices": count, "correction": correction}))
+            config = dataclasses.replace(base, trainer="pdasgd", devices=count, staleness_correction=correction,
+                                         placement=where)
+            label = f"pdasgd {correction} x{count}" + (f" {where}" if where != "replicated" else "")
+            out.append(Arm(label, config, {"devices": count, "correction": correction}))
     return out
 
 
@@ -79,6 +83,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-steps", type=int, default=None, help="stop every run after N steps")
     parser.add_argument("--max-inflight", type=int, default=None, help="instead of the default run-ahead per device")
     parser.add_argument("--schedule", choices=("constant", "cosine"), default=None, help="instead of the default")
+    parser.add_argument("--placement", choices=("replicated", "split"), default="replicated",
+                        help="pdasgd's placement on several devices (split: the first device runs the forward "
+                        "passes, the others the backward passes; default %(default)s)")
     args = parser.parse_args(argv)
     preset = dict(FULL if args.full else QUICK[args.model], max_steps=args.max_steps)
     preset.update({k: v for k, v in (("max_inflight", args.max_inflight), ("schedule", args.schedule))
@@ -100,7 +107,7 @@ def main(argv=None) -> int:
         finish(args, rows, f"every trainer with default flags: {preset['model']} on {preset['dataset']}",
                ["devices", "correction"], started=started)
         return 0
-    rows = run_arms(arms(preset, args.data_dir, devices, corrections), args.seeds, args.out)
+    rows = run_arms(arms(preset, args.data_dir, devices, corrections, args.placement), args.seeds, args.out)
     finish(args, rows, f"staleness corrections vs sync: {preset['model']} on {preset['dataset']}",
            ["devices", "correction"], started=started, extra=gaps)
     return 0
