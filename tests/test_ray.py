@@ -257,6 +257,21 @@ def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
         train(replace(base, dataset="synthetic", out=str(tmp_path / "noray"), progress=False))
 
 
+def test_the_ray_token_file_is_readable_by_its_owner_only(tmp_path, monkeypatch):
+    from asyncsgd.cluster.backend import keep_token_private
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    path = tmp_path / "ray" / "auth_token"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    assert keep_token_private() == str(path)  # missing: created, 64 hex digits as Ray writes it
+    token = path.read_text()
+    assert len(token) == 64 and int(token, 16) >= 0 and path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o644)  # as Ray leaves a token it created
+    keep_token_private()
+    assert path.stat().st_mode & 0o777 == 0o600 and path.read_text() == token  # kept, made private
+    monkeypatch.setenv("RAY_AUTH_TOKEN", token)
+    assert keep_token_private() is None
+
+
 def test_worker_actors_ask_for_a_cpu_and_a_gpu_each_or_a_share():
     from asyncsgd.cluster.backend import worker_resources
     assert worker_resources({"CPU": 2.0}, 2) == {"num_cpus": 1.0}

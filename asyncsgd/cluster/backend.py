@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import sys
 import time
 from typing import Any, Optional
@@ -87,6 +88,29 @@ def _init_ray(ray, address: Optional[str]) -> bool:
     return True
 
 
+def keep_token_private() -> Optional[str]:
+    """Makes Ray's authentication token file readable by its owner only; returns its path (None when the
+    token comes from `$RAY_AUTH_TOKEN`).
+
+    Ray reads the token of a local instance from `$RAY_AUTH_TOKEN_PATH` or `~/.ray/auth_token` and writes
+    that file, when missing, readable by every local user (0644): anyone who reads it may run code in the
+    instance. A missing file is created here first, mode 0600, as Ray would fill it (32 random bytes in
+    hex); an existing one is set to 0600.
+    """
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return None
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.join(os.path.expanduser("~"), ".ray", "auth_token")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        os.chmod(path, 0o600)
+        return path
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(secrets.token_hex(32))
+    return path
+
+
 def _prepare(session, copies: bool) -> Prepared:
     config, store = session.config, session.store
     if not config.ray_address and "ray" not in sys.modules:
@@ -94,6 +118,7 @@ def _prepare(session, copies: bool) -> Prepared:
         # ss: gcs_server, raylet and each actor on *:port), so a local instance requires Ray's token
         # authentication (a random token in ~/.ray/auth_token). Read when Ray is imported: set first.
         os.environ.setdefault("RAY_AUTH_MODE", "token")
+        keep_token_private()
     ray = require_ray()
     started = _init_ray(ray, config.ray_address)
     t0 = time.time()
