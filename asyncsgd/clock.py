@@ -20,6 +20,8 @@ import threading
 import time
 from typing import Any, Optional, Protocol, Sequence, Union
 
+import jax
+
 Waitable = Union[threading.Event, threading.Condition]
 
 
@@ -37,7 +39,8 @@ class Clock(Protocol):
       `enter(name)`, `enroll(name) -> token`, `attach(token)`, `leave()`, `release()`.
     Device work (no-ops on the wall clock, where the work itself takes the time):
       `compute(device, unit)`, `compute_all(devices, unit, scale)`, `transfer(device, nbytes)`,
-      `allreduce(devices, nbytes)`.
+      `allreduce(devices, nbytes)`; `settle(tree)`: wait until `tree` is computed, where a thread's real
+      pace matters (the wall clock); the simulated clock paces threads itself and returns at once.
     Attributes: `name`, `simulated`, `scales_compute` (a straggler's factor scales unit costs instead of
     sleeping), `tick_every_s` (how often a crew's coordinator ticks).
     """
@@ -74,6 +77,8 @@ class Clock(Protocol):
     def transfer(self, device: int, nbytes: float) -> None: ...
 
     def allreduce(self, devices: Sequence[int], nbytes: float) -> None: ...
+
+    def settle(self, tree: Any) -> None: ...
 
 
 class WallClock:
@@ -127,6 +132,9 @@ class WallClock:
 
     def allreduce(self, devices: Sequence[int], nbytes: float) -> None:
         return None
+
+    def settle(self, tree: Any) -> None:
+        jax.block_until_ready(tree)  # blocks: a worker's real pace (and the freshness of its next read)
 
 
 WALL = WallClock()

@@ -76,6 +76,27 @@ def test_a_crew_ends_when_its_last_worker_does_not_at_the_next_poll():
     assert clock.now() == pytest.approx(0.003, abs=1e-12)
 
 
+def test_a_party_settles_its_previous_arrays_not_its_newest():
+    # A simulated party need not wait for its newest arrays (the turnstile orders it), but it is never
+    # more than one settle ahead of its own work: memory stays bounded.
+    import jax.numpy as jnp
+    clock = _clock()
+    crew = Crew("settle", watchdog_s=1e6, clock=clock)
+    seen = {}
+
+    def body(worker):
+        a = jnp.ones((600, 600)) @ jnp.ones((600, 600))
+        clock.settle(a)
+        b = a @ a
+        clock.settle(b)
+        seen["a ready after the next settle"] = a.is_ready()
+        seen["values"] = float(b[0, 0])
+
+    crew.spawn("a", body)
+    crew.run()
+    assert seen == {"a ready after the next settle": True, "values": 600.0 * 600 * 600}
+
+
 def test_transfers_allreduce_sleep_and_notify_in_virtual_time():
     clock = _clock(bandwidth=1e9, latency=1e-3)
     crew = Crew("links", watchdog_s=1e6, clock=clock)

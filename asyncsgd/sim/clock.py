@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Any, Optional, Sequence
 
+import jax
+
 from asyncsgd.errors import StallError
 from asyncsgd.sim.costs import DeviceModel
 from asyncsgd.sim.profiles import Profile
@@ -44,7 +46,7 @@ _FREE_POLL_S = 0.01
 class _Party:
     """One thread's place in the schedule."""
 
-    __slots__ = ("name", "key", "wake", "waiting_on", "notified", "go", "ident")
+    __slots__ = ("name", "key", "wake", "waiting_on", "notified", "go", "ident", "unsettled")
 
     def __init__(self, name: str, key: tuple):
         self.name = name
@@ -54,6 +56,7 @@ class _Party:
         self.notified = False
         self.go = threading.Event()     # set by the clock when it is this party's turn
         self.ident: Optional[int] = None
+        self.unsettled: Any = None      # arrays it last asked to settle (waited for at its next settle)
 
 
 class SimClock:
@@ -170,6 +173,20 @@ class SimClock:
             self.link_free[device] = end
         me.wake = end
         self._switch(me)
+
+    def settle(self, tree: Any) -> None:
+        """Waits for the arrays the calling party settled *last time*, not for `tree`: the turnstile
+        orders the threads and the device model times them, and JAX's data dependencies order the
+        values, so a party need not wait for its newest arrays. They then compute (for real) while the
+        next party takes its turn, which keeps a simulated run's real time near a wall-clock run's; and a
+        party is never more than one settle ahead of its own work (bounded memory)."""
+        me = self._by_ident.get(threading.get_ident())
+        if me is None or self._free:
+            jax.block_until_ready(tree)  # blocks: not a party (or stopping): as on the wall clock
+            return
+        earlier, me.unsettled = me.unsettled, tree
+        if earlier is not None:
+            jax.block_until_ready(earlier)  # blocks: at most one settle ahead
 
     # -- parties ----------------------------------------------------------------------------------
     def enter(self, name: str) -> None:

@@ -48,7 +48,7 @@ def _ddp_worker(worker, session: Session, epoch: Epoch) -> None:
         clock.allreduce(devices, grad_bytes)
         commits = store.commit_all(lambda params, opts, states: step(params, opts, states, batch.x, batch.y))
         loss = commits[0].extra
-        loss.block_until_ready()  # blocks: a synchronous step ends when every device has applied it
+        clock.settle(loss)  # blocks (wall clock): a synchronous step ends when every device has applied it
         elapsed = clock.now() - start
         recorder.committed_all(commits, worker.name)
         recorder.item_done(batch.seq, loss)

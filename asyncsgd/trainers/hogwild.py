@@ -43,7 +43,7 @@ def _hogwild_worker(worker, session: Session, epoch: Epoch, window: Tickets, dev
         t_read = clock.now()
         clock.compute(device, "model_grad")
         grads, loss, new_states = units.model_grad([s.params for s in slots], [s.state for s in slots], x, y)
-        loss.block_until_ready()  # blocks: the gradient is computed before we commit it
+        clock.settle(loss)  # blocks (wall clock): the gradient is computed before we commit it
         delay.after_compute(clock.now() - t_read)
         worker.beat(f"committing the whole model (item {batch.seq})")
         if view.remote:  # a Ray worker: each stage's server applies its part (asyncsgd/cluster)

@@ -189,7 +189,7 @@ def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, devic
             clock.compute(device, "model_grad")
             grads, loss, new_states = units.model_grad(params, states, x, y)
             stages = range(len(store))
-        loss.block_until_ready()  # blocks: the gradient is computed before it is applied
+        clock.settle(loss)  # blocks (wall clock): the gradient is computed before it is applied
         delay.after_compute(clock.now() - t_read)
         worker.beat(f"committing (item {batch.seq})")
         for stage, grad in zip(stages, grads):

@@ -73,7 +73,7 @@ def forward_pass(worker, session: Session, batch: Batch, sync_each_stage: bool,
             store.commit_state(index, lambda current, index=index, read=read, new=new:
                                units.merge_state[index](current, read, new))
         if sync_each_stage:
-            x.block_until_ready()  # blocks: the next stage's read must come after this stage ran
+            clock.settle(x)  # blocks (wall clock): the next stage's read must come after this stage ran
     clock.compute(view.index, "loss_grad")
     loss, dlogits = units.loss_grad(x, y)
     return WorkItem(batch.seq, loss, dlogits, tuple(residuals), tuple(versions), tuple(times),
@@ -137,7 +137,7 @@ def backward_pass(worker, session: Session, item: WorkItem, layerwise: bool, syn
                                item.times_read[index])
             last = dy if dy is not None else commit.after.params
         if sync_each_stage:
-            jax.block_until_ready(last)  # blocks: this stage's work finishes before the next starts
+            clock.settle(last)  # blocks (wall clock): this stage's work finishes before the next starts
     if not layerwise and view.remote:  # a Ray worker: the whole model's gradients go to the servers at once
         worker.beat(f"pushing the whole model (item {item.seq})")
         for index in range(len(names)):

@@ -85,7 +85,7 @@ def _backward_worker(worker, session: Session, epoch: Epoch, items, window: Tick
         start = clock.now()
         last = backward_pass(worker, session, item, layerwise=layerwise, sync_each_stage=session.config.stage_sync,
                              view=view)
-        jax.block_until_ready((last, item.loss))  # blocks: an item is finished once its whole backward ran
+        clock.settle((last, item.loss))  # blocks (wall clock): an item is finished once its whole backward ran
         delay.after_compute(clock.now() - start)
         window.release(item.ticket)
         session.recorder.item_done(item.seq, item.loss)
