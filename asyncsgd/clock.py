@@ -39,8 +39,9 @@ class Clock(Protocol):
       `enter(name)`, `enroll(name) -> token`, `attach(token)`, `leave()`, `release()`.
     Device work (no-ops on the wall clock, where the work itself takes the time):
       `compute(device, unit)`, `compute_all(devices, unit, scale)`, `transfer(device, nbytes)`,
-      `allreduce(devices, nbytes)`; `settle(tree)`: wait until `tree` is computed, where a thread's real
-      pace matters (the wall clock); the simulated clock paces threads itself and returns at once.
+      `allreduce(devices, nbytes)`; `settle(tree)`: where a worker keeps its real pace, wait until `tree`
+      is computed (the wall clock); the simulated clock, which paces the threads itself, waits only for
+      what the same thread settled the time before.
     Attributes: `name`, `simulated`, `scales_compute` (a straggler's factor scales unit costs instead of
     sleeping), `tick_every_s` (how often a crew's coordinator ticks).
     """
