@@ -95,7 +95,8 @@ def _add_run_flags(parser: _Parser, model_default: str, epochs_default: int) -> 
     parser.flag(g, "--staleness-correction", default=d.staleness_correction,
                 help=f"how an update accounts for its gradient's staleness s, one of {{{','.join(CORRECTIONS)}}} "
                      "or several joined by commas: scale (lr / (1 + s)), dc (delay compensation), momentum "
-                     "(momentum reduced by the mean staleness); docs/usage.md")
+                     "(momentum reduced by the mean staleness), predict (forward passes read the weights "
+                     "extrapolated by the mean staleness); docs/usage.md")
     parser.flag(g, "--dc-lambda", type=float, default=d.dc_lambda, help="dc: lambda of g + lambda g*g (w_now - w_read)")
     _add_schedule_flags(parser, d)
 

@@ -56,7 +56,7 @@ class TrainConfig:
     warmup_steps: int = 0
     # How an update accounts for its gradient's staleness (asyncsgd/staleness.py): none, scale, dc,
     # momentum; dc's lambda.
-    staleness_correction: str = "scale,momentum"
+    staleness_correction: str = "scale,momentum,predict"
     dc_lambda: float = 0.04
     seed: int = 0
     data_dir: Optional[str] = None

@@ -14,7 +14,8 @@ from __future__ import annotations
 import optax
 
 from asyncsgd.config import TrainConfig
-from asyncsgd.staleness import delay_compensation, parse_corrections, scale_by_staleness, staleness_momentum
+from asyncsgd.staleness import (delay_compensation, parse_corrections, scale_by_staleness, staleness_momentum,
+                                weight_prediction)
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -41,8 +42,9 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
 
     Order: delay compensation acts on the raw gradient (it corrects the gradient itself), weight
     decay is added, `scale` divides the whole step's direction, then the rule; `momentum` replaces
-    the rule's momentum with the staleness-adapted one. With `none` the state is the rule's own, as
-    before corrections existed (old checkpoints load).
+    the rule's momentum with the staleness-adapted one; `predict` comes last, where the update is
+    final (it changes none, and keeps the parameters forward passes should read). With `none` the
+    state is the rule's own, as before corrections existed (old checkpoints load).
     """
     schedule = learning_rate_schedule(config, total_steps)
     correction = parse_corrections(config.staleness_correction)
@@ -60,6 +62,7 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
         parts.append(optax.add_decayed_weights(config.weight_decay))
     if "scale" in correction:
         parts.append(scale_by_staleness())
-    if not parts:
+    after = [weight_prediction()] if "predict" in correction else []  # sees the final update
+    if not parts and not after:
         return optax.with_extra_args_support(rule)
-    return optax.chain(*parts, rule)
+    return optax.chain(*parts, rule, *after)

@@ -156,7 +156,7 @@ class RunTotals:
 def divergence_advice(config: TrainConfig, spec) -> str:
     """What a diverged run's user should try first (the end of its one-line error)."""
     if not staleness.parse_corrections(config.staleness_correction) and spec.staleness_bound(config) != 0:
-        first = "--staleness-correction scale,momentum (the default; this run turned it off)"
+        first = f"--staleness-correction {TrainConfig.staleness_correction} (the default; this run turned it off)"
     else:
         first = f"--lr {config.lr / 2:g} (half)"
     return (f"try first {first}, then --warmup-steps {max(100, 4 * config.warmup_steps)} or --max-inflight 1 "

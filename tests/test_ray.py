@@ -278,3 +278,35 @@ def test_worker_actors_ask_for_a_cpu_and_a_gpu_each_or_a_share():
     assert worker_resources({"CPU": 2.0}, 4) == {"num_cpus": 0.5}
     assert worker_resources({"CPU": 64.0, "GPU": 8.0}, 4) == {"num_cpus": 1.0, "num_gpus": 1.0}
     assert worker_resources({"CPU": 64.0, "GPU": 2.0}, 8) == {"num_cpus": 1.0, "num_gpus": 0.25}
+
+
+def test_a_stage_server_hands_out_the_predicted_parameters(tiny_config, tiny_data):
+    """With weight prediction (the default) a stage server's pull returns the stage's predicted
+    parameters, which lead its current ones once an update was stale; the server itself (a plain class
+    here, no Ray) applies every push to the current ones."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from asyncsgd.assemble import build_session
+    from asyncsgd.cluster.servers import StageServer, host_slots
+    from asyncsgd.staleness import predicted_params
+    config = replace(tiny_config, trainer="pdasgd", staleness_correction="scale,momentum,predict", out=None)
+    session, total = build_session(config, tiny_data.normalized())
+    shapes = {"input_shape": list(session.model.input_shape), "num_classes": session.model.num_classes,
+              "vocab_size": session.dataset.vocab_size, "total_steps": total}
+    head = len(session.store) - 1
+    server = StageServer(dataclasses.asdict(config), shapes, [head], host_slots(session.store, [head]), 0.0)
+    grads = jax.tree_util.tree_map(np.ones_like, host_slots(session.store, [head])[0][2])
+    for _ in range(3):
+        server.push(head, grads, 0, "test", 0.0)  # staleness 0, 1, 2
+    version, pulled = server.pull(head, -1)
+    slot = server.store.read(0)
+    assert version == 3 and server.pull(head, 3) is None
+    lead = [np.abs(np.asarray(a) - np.asarray(p)).max() for a, p in zip(
+        jax.tree_util.tree_leaves(pulled), jax.tree_util.tree_leaves(slot.params))]
+    assert max(lead) > 0, "the pull handed out the current parameters, not the predicted ones"
+    for a, b in zip(jax.tree_util.tree_leaves(pulled),
+                    jax.tree_util.tree_leaves(predicted_params(slot.params, slot.opt_state))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -36,7 +36,7 @@ def test_default_flags_stay_finite_on_4_devices_where_no_correction_diverges(tmp
     from asyncsgd.errors import DivergedError
     config = TrainConfig(trainer="pdasgd", model="mlp", dataset="fashion_mnist", devices=4, max_steps=200,
                          clock="simulated", progress=False, out=str(tmp_path / "default"))
-    assert config.staleness_correction == "scale,momentum" and config.lr == 0.05
+    assert config.staleness_correction == "scale,momentum,predict" and config.lr == 0.05
     summary = train(config, fashion)
     assert summary["status"] == "complete" and summary["steps"] == 200
     assert summary["test_accuracy"] > 0.6 and max(s["max"] for s in summary["staleness"].values()) >= 16

@@ -17,8 +17,8 @@ from asyncsgd.errors import ConfigError
 from asyncsgd.optim import make_optimizer
 from asyncsgd.outputs import resume_config
 from asyncsgd.run import train
-from asyncsgd.staleness import (STALENESS_EMA, delay_compensation, explicit_momentum, scale_by_staleness,
-                                staleness_momentum)
+from asyncsgd.staleness import (STALENESS_EMA, PredictionState, delay_compensation, explicit_momentum,
+                                predicted_params, scale_by_staleness, staleness_momentum, weight_prediction)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -84,7 +84,89 @@ def test_momentum_correction_at_staleness_zero_is_optax_momentum_bit_for_bit():
             chex.assert_trees_all_equal(ua, ub)
 
 
-@pytest.mark.parametrize("correction", ["none", "scale", "dc", "momentum", "scale,momentum"])
+def test_weight_prediction_reads_ahead_by_the_running_mean_staleness_by_hand():
+    """predict changes no update; its state holds (w + u) + s_bar u, s_bar the running mean staleness
+    (bias-corrected, this update's included), and at s_bar = 0 exactly the new parameters."""
+    ema, lr = STALENESS_EMA, 0.1
+    opt, plain = optax.chain(optax.sgd(lr), weight_prediction()), optax.sgd(lr)
+    w = np.array([1.0, -1.0, 0.5], np.float32)
+    state, plain_state = opt.init({"w": jnp.asarray(w)}), plain.init({"w": jnp.asarray(w)})
+    assert predicted_params({"w": w}, state) is state[1].ahead  # before any update: the initial parameters
+    mean = 0.0
+    for count, (s, g) in enumerate([(0, [1.0, 0.0, 2.0]), (6, [0.5, 1.0, -1.0]), (2, [1.0, 1.0, 1.0])], start=1):
+        params = {"w": jnp.asarray(w)}
+        out, state = opt.update({"w": jnp.asarray(g)}, state, params, staleness=s)
+        ref, plain_state = plain.update({"w": jnp.asarray(g)}, plain_state, params)
+        chex.assert_trees_all_equal(out, ref)  # the update itself is untouched
+        mean = ema * mean + (1 - ema) * s
+        s_bar = mean / (1 - ema ** count)
+        u = -lr * np.asarray(g, np.float32)
+        w = w + u
+        ahead = np.asarray(predicted_params(None, state)["w"])
+        if count == 1:
+            np.testing.assert_array_equal(ahead, w)  # s_bar = 0: the new parameters, bit for bit
+        else:
+            np.testing.assert_allclose(ahead, w + s_bar * u, rtol=1e-5, atol=1e-6)
+            assert s_bar > 0 and not np.allclose(ahead, w)
+    assert isinstance(state[1], PredictionState)
+    assert predicted_params("mine", optax.sgd(lr).init({"w": jnp.asarray(w)})) == "mine"  # no predict: unchanged
+
+
+def test_every_view_reads_the_predicted_parameters_and_commits_keep_the_real_ones():
+    """With predict, a device view (home and another device) hands forward passes the stage's
+    predicted parameters; without it, the current ones; the store's commits apply to the current ones."""
+    from asyncsgd.store import ParamStore
+    from asyncsgd.trainers.placement import DeviceView
+    opt = make_optimizer(TrainConfig(staleness_correction="predict", lr=0.1, momentum=0.0, weight_decay=0.0), 10)
+    params = {"w": jnp.ones(3)}
+    store = ParamStore(["a"], [params], [opt.init(params)])
+    grads = {"w": jnp.array([1.0, 2.0, -1.0])}
+
+    def update(p, o):
+        updates, o = opt.update(grads, o, p, staleness=4, params_read=p)
+        return optax.apply_updates(p, updates), o
+    store.commit(0, update)
+    store.commit(0, update)
+    now = np.asarray(store.read(0).params["w"])
+    np.testing.assert_allclose(now, 1.0 - 0.2 * np.array([1.0, 2.0, -1.0]), rtol=1e-6)
+    expected = now + 4.0 * -0.1 * np.array([1.0, 2.0, -1.0])  # s_bar 4 (every staleness 4), u = -0.1 g
+    devices = jax.devices()[:2]
+    assert len(devices) == 2, "needs two (virtual) devices"
+    for index in (0, 1):
+        read = DeviceView(store, devices, index, predict=True).read(0)
+        np.testing.assert_allclose(np.asarray(read.params["w"]), expected, rtol=1e-5, atol=1e-6)
+        assert read.params["w"].devices() == {devices[index]} and read.version == 2
+        np.testing.assert_array_equal(np.asarray(DeviceView(store, devices, index).read(0).params["w"]), now)
+
+
+def test_lap_averaging_moves_the_predicted_parameters_with_the_parameters(tiny_config, tiny_data):
+    """LAP-SGD with predict: its workers read the predicted parameters of their copy, and an averaging
+    round (which moves a copy without an update) moves them by the same amount, so what a worker reads
+    keeps its lead over the copy's parameters."""
+    from asyncsgd.staleness import predicted_params
+    from asyncsgd.trainers.lapsgd import average_copies
+    config = replace(tiny_config, trainer="lapsgd", devices=2, staleness_correction="scale,predict", out=None,
+                     workers=2, max_inflight=2, averaging_warmup=0, averaging_period=1000)  # copies drift apart
+    session = run_steps(config, tiny_data, 16)
+
+    def leads():
+        return [[np.asarray(a) - np.asarray(p) for a, p in zip(
+            jax.tree_util.tree_leaves(predicted_params(slot.params, slot.opt_state)),
+            jax.tree_util.tree_leaves(slot.params))] for store in session.replicas for slot in store.slots()]
+    before = leads()
+    params_before = [np.asarray(x) for store in session.replicas for x in jax.tree_util.tree_leaves(store.params())]
+    assert any(np.abs(d).max() > 0 for stage in before for d in stage), "nothing predicted: the check is empty"
+    average_copies(session)
+    params_after = [np.asarray(x) for store in session.replicas for x in jax.tree_util.tree_leaves(store.params())]
+    moved = max(np.abs(a - b).max() for a, b in zip(params_before, params_after))
+    assert moved > 1e-3, f"averaging moved the copies by {moved} only: the check would prove nothing"
+    for stage_before, stage_after in zip(before, leads()):
+        for a, b in zip(stage_before, stage_after):
+            np.testing.assert_allclose(b, a, atol=1e-6)
+
+
+@pytest.mark.parametrize("correction", ["none", "scale", "dc", "momentum", "scale,momentum", "predict",
+                                        "scale,momentum,predict"])
 def test_layerwise_still_equals_sync_under_every_correction(tiny_config, tiny_data, correction):
     config = replace(tiny_config, out=None, staleness_correction=correction, weight_decay=1e-3)
     sync = run_steps(replace(config, trainer="sync"), tiny_data, 6)
@@ -157,6 +239,16 @@ def test_summary_records_the_correction_and_defaults_reach_the_config(tiny_confi
     assert np.isfinite(summary["train_loss"])
     saved = json.load(open(f"{config.out}/summary.json"))
     assert saved["staleness_correction"] == record
+
+
+def test_summary_records_how_far_ahead_a_predicting_run_read(tiny_config, tiny_data):
+    config = replace(tiny_config, trainer="pdasgd", staleness_correction="scale,predict", epochs=1, devices=2,
+                     max_inflight=2)
+    summary = train(config, tiny_data)
+    horizons = summary["staleness_correction"]["prediction_horizon_by_stage"]
+    assert len(horizons) == len(summary["updates_per_stage"]) and all(h is not None and h >= 0 for h in horizons)
+    assert max(horizons) > 0, "no stale update: the prediction was never exercised"
+    assert np.isfinite(summary["train_loss"])
 
 
 def test_bad_corrections_are_refused(tiny_config):

@@ -19,6 +19,7 @@ import numpy as np
 from asyncsgd.config import TrainConfig
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
+from asyncsgd.staleness import predicted_params
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.lapsgd import tree_mean
 from asyncsgd.units import Units
@@ -78,7 +79,8 @@ class StageServer:
 
     def pull(self, stage: int, have_version: int):
         """`None` when `have_version` is the stage's version, else `(version, params)` with the params
-        as NumPy arrays (the reply itself goes through the object store, to the caller that owns it).
+        as NumPy arrays (the reply itself goes through the object store, to the caller that owns it);
+        with weight prediction the params are the stage's predicted ones (`staleness.predicted_params`).
 
         Not an object ref put once per version: a worker's get of such a ref (owned by this server,
         borrowed through the reply) hung now and then while the server replaced it with the next
@@ -86,7 +88,7 @@ class StageServer:
         slot = self.store.read(self.stages.index(stage))
         if slot.version == have_version:
             return None
-        return slot.version, jax.device_get(slot.params)
+        return slot.version, jax.device_get(predicted_params(slot.params, slot.opt_state))
 
     def push(self, stage: int, grads: Any, version_read: int, worker: str, t_read: float) -> int:
         """Applies one gradient of `stage`, computed from `version_read`; returns the version it was

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from asyncsgd.data import steps_per_epoch
+from asyncsgd.staleness import predicted_params, with_prediction
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.base import EpochPlan, EpochResult, Prepared, TrainerSpec, fixed_units
 from asyncsgd.trainers.hogwild import window_size
@@ -155,12 +156,19 @@ def average_copies(session: Session) -> None:
         for device in range(1, len(snapshots)):  # and the average goes back
             clock.transfer(0, model_bytes)
         clock.compute_all(range(len(snapshots)), "shift")
+        if session.predicts:  # the predicted parameters move too (below)
+            clock.compute_all(range(len(snapshots)), "shift")
+    predicting = session.predicts
     for device, (store, snap) in enumerate(zip(session.replicas, snapshots)):
         target = mean if device == 0 else jax.device_put(mean, session.devices[device])
         taken = ([s.params for s in snap], [s.state for s in snap])
 
         def shift(params, opts, states, target=target, taken=taken):
             new_params, new_states = kit.shift((params, states), target, taken)
+            if predicting:  # the predicted parameters move with the parameters (same shapes: same unit)
+                aheads = [predicted_params(p, o) for p, o in zip(params, opts)]
+                moved, _ = kit.shift((aheads, states), target, taken)
+                opts = [with_prediction(o, a) for o, a in zip(opts, moved)]
             return new_params, opts, new_states, None
         store.commit_all(shift, count=False)
 
@@ -171,6 +179,7 @@ def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, devic
     store = session.replicas[device]
     delay = epoch.delay(worker, device, index)
     slice_index = index % max(1, len(kit.slices))
+    predicting = session.predicts
     step = 0
     while True:
         batch = worker.get(epoch.batches)
@@ -179,7 +188,9 @@ def _local_worker(worker, session: Session, epoch: Epoch, window: Tickets, devic
         x, y = session.views[device].put((batch.x, batch.y))  # the placements the units were compiled for
         slots = [store.read(stage) for stage in range(len(store))]
         t_read = clock.now()
-        params, states = [s.params for s in slots], [s.state for s in slots]
+        # With weight prediction the gradient is taken at each stage's predicted parameters.
+        params = [predicted_params(s.params, s.opt_state) if predicting else s.params for s in slots]
+        states = [s.state for s in slots]
         if partial and step % 2 == 1:
             first, end = kit.slices[slice_index]
             clock.compute(device, f"partial_grad/{first}-{end}")

@@ -5,6 +5,11 @@ copy of every stage and refreshes it when the store's version of that stage has 
 was made (a *pull*); gradients it computes are sent home (a *push*) and committed to the store there.
 On the home device a view is the store itself: no copies, no transfers, and the fused
 backward-and-update unit can be used.
+
+With weight prediction (`--staleness-correction ...,predict`) a view reads every stage's predicted
+parameters (`staleness.predicted_params`) in place of its current ones, on every device: the forward
+passes, and the gradients taken at them, see where the weights are going, while the store's commits
+still apply each update to the current parameters.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Optional
 import jax
 
 from asyncsgd.clock import WALL, Clock
+from asyncsgd.staleness import predicted_params
 from asyncsgd.store import ParamStore, Slot
 from asyncsgd.units import tree_nbytes
 
@@ -30,12 +36,14 @@ class DeviceView:
       devices: the run's devices; `devices[0]` is home.
       index: which of them this view is for.
       clock: the run's clock; pulls are charged to the home device's link, pushes to this device's.
+      predict: read the predicted parameters (module docstring).
     """
 
     remote = False  # a Ray worker's view of the stage servers is (asyncsgd/cluster/worker.py)
 
-    def __init__(self, store: ParamStore, devices: list, index: int, clock: Clock = WALL):
+    def __init__(self, store: ParamStore, devices: list, index: int, clock: Clock = WALL, predict: bool = False):
         self.store = store
+        self.predict = predict
         self.clock = clock
         self.index = index
         self.device = devices[index]
@@ -52,8 +60,11 @@ class DeviceView:
         self.push_bytes = 0  # bytes this device sent home (gradients, batch-norm statistics)
 
     def read(self, stage: int) -> Slot:
-        """The store's current slot of `stage`, with params and state on this device."""
+        """The store's current slot of `stage`, with params (the predicted ones where the view
+        predicts) and state on this device."""
         slot = self.store.read(stage)
+        if self.predict:
+            slot = slot._replace(params=predicted_params(slot.params, slot.opt_state))
         if self.is_home:
             return slot
         copy = self._copies[stage]

@@ -11,7 +11,7 @@ from asyncsgd.data.dataset import Dataset, prefetch_worker
 from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
 from asyncsgd.models.staged import StagedModel
-from asyncsgd.staleness import NEEDS_READ_PARAMS, parse_corrections
+from asyncsgd.staleness import NEEDS_READ_PARAMS, PREDICTS, parse_corrections
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.base import EpochPlan, EpochResult
 from asyncsgd.trainers.placement import DeviceView
@@ -48,7 +48,7 @@ class Session:
 
     def __post_init__(self) -> None:
         if not self.views and self.devices:
-            views = tuple(DeviceView(self.store, list(self.devices), index, self.clock)
+            views = tuple(DeviceView(self.store, list(self.devices), index, self.clock, self.predicts)
                           for index in range(len(self.devices)))
             object.__setattr__(self, "views", views)
 
@@ -71,6 +71,11 @@ class Session:
         then the trainers keep a reference to them from the read until the commit. (Asked by every
         pass: parsed once per session.)"""
         return bool(parse_corrections(self.config.staleness_correction) & NEEDS_READ_PARAMS)
+
+    @functools.cached_property
+    def predicts(self) -> bool:
+        """Whether forward passes read each stage's predicted parameters (a `predict` correction)."""
+        return PREDICTS in parse_corrections(self.config.staleness_correction)
 
     def updates_per_stage(self) -> list[int]:
         """Committed updates per stage (summed over the device copies where there are several)."""
