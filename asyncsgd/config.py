@@ -171,11 +171,9 @@ def validate(config: TrainConfig) -> TrainConfig:
     _choice("window", config.window, WINDOW_SCOPES)
     _choice("clock", config.clock, CLOCKS)
     try:
-        corrections = parse_corrections(config.staleness_correction)
+        parse_corrections(config.staleness_correction)
     except ValueError as exc:
         raise ConfigError(f"--staleness-correction: {exc}") from None
-    _require("momentum" not in corrections or config.optimizer == "sgd",
-             "--staleness-correction momentum adapts SGD's momentum; with --optimizer adam use scale or dc")
     _require(math.isfinite(config.dc_lambda) and config.dc_lambda >= 0,
              f"--dc-lambda must be a finite number >= 0, got {config.dc_lambda}")
     _choice("placement", config.placement, PLACEMENTS)

@@ -14,8 +14,8 @@ from __future__ import annotations
 import optax
 
 from asyncsgd.config import TrainConfig
-from asyncsgd.staleness import (delay_compensation, parse_corrections, scale_by_staleness, staleness_momentum,
-                                weight_prediction)
+from asyncsgd.staleness import (ADAM_B1, delay_compensation, parse_corrections, scale_by_staleness, staleness_adam,
+                                staleness_momentum, weight_prediction)
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
@@ -48,8 +48,10 @@ def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTrans
     """
     schedule = learning_rate_schedule(config, total_steps)
     correction = parse_corrections(config.staleness_correction)
-    if config.optimizer == "adam":
-        rule = optax.adam(schedule)
+    if config.optimizer == "adam" and "momentum" in correction:
+        rule = optax.chain(staleness_adam(ADAM_B1), optax.scale_by_learning_rate(schedule))
+    elif config.optimizer == "adam":
+        rule = optax.adam(schedule, b1=ADAM_B1)
     elif "momentum" in correction:
         rule = optax.chain(staleness_momentum(config.momentum, config.nesterov),
                            optax.scale_by_learning_rate(schedule))

@@ -22,7 +22,8 @@ and compose with the run's rule in `optim.make_optimizer` (`--staleness-correcti
             The explicit momentum keeps the total mean lag at the configured momentum's:
             mu_e / (1 - mu_e) = max(0, mu / (1 - mu) - s_bar), so mu_e = mu at s_bar = 0 and mu_e = 0
             once s_bar >= mu / (1 - mu) (9 for mu = 0.9). s_bar is a per-stage running mean of the
-            staleness (exponential, `STALENESS_EMA`, bias-corrected), kept in the state.
+            staleness (exponential, `STALENESS_EMA`, bias-corrected), kept in the state. With
+            `--optimizer adam` the momentum corrected is Adam's first-moment decay b1 (`staleness_adam`).
   predict   weight prediction (SpecTrain: Chen, Yang, Cheng, arXiv 1809.02839): a forward
             pass reads the parameters extrapolated along the stage's last update by the stage's
             running mean staleness, w_ahead = w_new + s_bar * u (u the update just applied, s_bar as
@@ -76,6 +77,7 @@ def parse_corrections(text: str) -> frozenset:
 
 DC_LAMBDA = 0.04  # MXNet's dcasgd default (Zheng et al. use 0.04 for their ImageNet runs)
 STALENESS_EMA = 0.95  # decay of the running mean staleness of `momentum` (about the last 20 updates)
+ADAM_B1 = 0.9  # Adam's first-moment decay (optax's default), the momentum `momentum` corrects under Adam
 
 
 def _float_staleness(staleness) -> jax.Array:
@@ -180,6 +182,52 @@ def staleness_momentum(momentum: float, nesterov: bool = False,
     return optax.GradientTransformationExtraArgs(init, update)
 
 
+class StalenessAdamState(NamedTuple):
+    mu: Any  # first moment (not bias-corrected)
+    nu: Any  # second moment (not bias-corrected)
+    b1_product: jax.Array  # the product of the first moment's decays so far (its bias correction)
+    mean_staleness: jax.Array  # the running mean, not yet bias-corrected
+    count: jax.Array  # updates seen
+
+
+def staleness_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
+                   ema: float = STALENESS_EMA) -> optax.GradientTransformationExtraArgs:
+    """Adam's scaling (as `optax.scale_by_adam`) with its first-moment decay reduced as the mean
+    staleness grows: `momentum` for `--optimizer adam`.
+
+    Adam's first moment is momentum in disguise: an exponential average with decay b1 is heavy-ball
+    momentum b1 with the step scaled by 1 - b1, so the implicit momentum of asynchrony (module
+    docstring) adds to it as it adds to SGD's. The decay used is b1_e = `explicit_momentum(b1, s_bar)`;
+    the bias correction divides by 1 - prod(b1_e), the total weight of an average whose decay varies
+    (1 - b1^t when it does not). The second moment keeps b2: it estimates the gradient's scale, which
+    staleness does not bias. With b1_e = 0 (s_bar >= 9 for b1 = 0.9) the step is g / (sqrt(nu_hat) + eps).
+    """
+    if not 0.0 <= b1 < 1.0:
+        raise ValueError(f"adam's b1 must be in [0, 1), got {b1}")
+
+    def init(params):
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+        return StalenessAdamState(mu=zeros, nu=jax.tree_util.tree_map(jnp.zeros_like, params),
+                                  b1_product=jnp.ones([], jnp.float32), mean_staleness=jnp.zeros([], jnp.float32),
+                                  count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None, *, staleness=None, **extra):
+        del params, extra
+        mean, count, s_bar = _running_staleness(state, staleness, ema)
+        decay = explicit_momentum(b1, s_bar)
+        mu = jax.tree_util.tree_map(lambda g, m: (1 - decay.astype(g.dtype)) * g + decay.astype(g.dtype) * m,
+                                    updates, state.mu)
+        nu = jax.tree_util.tree_map(lambda g, v: (1 - b2) * jnp.square(g) + b2 * v, updates, state.nu)
+        b1_product = state.b1_product * decay
+        nu_correction = 1 - b2 ** count.astype(jnp.float32)
+        out = jax.tree_util.tree_map(
+            lambda m, v: (m / (1 - b1_product).astype(m.dtype)) / (jnp.sqrt(v / nu_correction.astype(v.dtype)) + eps),
+            mu, nu)
+        return out, StalenessAdamState(mu, nu, b1_product, mean, count)
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
 class PredictionState(NamedTuple):
     ahead: Any  # the parameters a forward pass reads: w_new + s_bar * u (the initial ones before any update)
     mean_staleness: jax.Array  # the running mean, not yet bias-corrected
@@ -241,10 +289,13 @@ def describe(config, opt_states) -> dict:
     if "dc" in names:
         out["dc_lambda"] = config.dc_lambda
     if "momentum" in names:
-        out["momentum"], out["ema"] = config.momentum, STALENESS_EMA
-        means = [_mean_staleness(state) for state in opt_states]
+        adam = config.optimizer == "adam"  # the corrected momentum is Adam's first-moment decay b1
+        momentum = ADAM_B1 if adam else config.momentum
+        out["momentum"], out["ema"] = momentum, STALENESS_EMA
+        means = [_mean_staleness(state, StalenessAdamState if adam else StalenessMomentumState)
+                 for state in opt_states]
         out["mean_staleness_by_stage"] = means
-        out["explicit_momentum_by_stage"] = [None if m is None else float(explicit_momentum(config.momentum, m))
+        out["explicit_momentum_by_stage"] = [None if m is None else float(explicit_momentum(momentum, m))
                                              for m in means]
     if "predict" in names:  # how far ahead each stage's forward passes read at the end
         out["prediction_horizon_by_stage"] = [_mean_staleness(state, PredictionState) for state in opt_states]

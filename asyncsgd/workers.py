@@ -38,6 +38,15 @@ _POLL_S = 0.05
 _END = object()  # end-of-stream marker inside a channel
 
 
+_CURRENT = threading.local()  # the `Worker` a crew thread runs as (`current_worker`)
+
+
+def current_worker() -> Optional["Worker"]:
+    """The crew worker the calling thread runs as, or None outside a crew (code below a worker body
+    that blocks on something other than a channel checks its stop event through it: a Ray reply)."""
+    return getattr(_CURRENT, "worker", None)
+
+
 class Stopped(Exception):
     """Raised inside a worker when the crew's stop event is set while it waits."""
 
@@ -202,6 +211,7 @@ class Crew:
         worker = Worker(self, name)
 
         def main() -> None:
+            _CURRENT.worker = worker
             try:
                 self.clock.attach(worker.token)  # waits for its first turn (a simulated clock)
                 try:

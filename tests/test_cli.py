@@ -66,7 +66,6 @@ def test_train_writes_config_metrics_updates_and_summary(tmp_path):
     (("--batch-size", "100000"), "larger than the training set"),
     (("--epochs", "zero"), "invalid int value"),
     (("--dc-lambda", "nan"), "--dc-lambda must be a finite number >= 0"),
-    (("--staleness-correction", "momentum", "--optimizer", "adam"), "with --optimizer adam use scale or dc"),
 ])
 def test_bad_values_give_one_line_and_exit_2(tmp_path, args, fragment):
     result = cli(*quick(tmp_path / "run", *args))

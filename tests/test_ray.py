@@ -310,3 +310,37 @@ def test_a_stage_server_hands_out_the_predicted_parameters(tiny_config, tiny_dat
     for a, b in zip(jax.tree_util.tree_leaves(pulled),
                     jax.tree_util.tree_leaves(predicted_params(slot.params, slot.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_crew_thread_waiting_on_a_server_that_never_answers_stops_with_its_crew():
+    """A worker thread blocked in a pull from a stage server that does not answer leaves when its crew
+    stops (it used to wait forever), and so does a thread queued behind it for the view's one get."""
+    from asyncsgd.cluster.worker import WAIT_POLL_S, RemoteView
+    from asyncsgd.workers import Crew
+
+    @ray.remote(num_cpus=0)
+    class Silent:
+        def pull(self, stage, version):
+            time.sleep(600)
+
+    server = Silent.remote()
+    view = RemoteView([server], [0], time.time())
+    crew = Crew("silent", watchdog_s=60.0, join_timeout_s=5.0)
+    entered = threading.Event()
+
+    def reader(worker):
+        entered.set()
+        view.read(0)
+    crew.spawn("reader-a", reader)
+    crew.spawn("reader-b", reader)
+    started = time.monotonic()
+    stopper = threading.Timer(1.0, crew.stop_event.set)
+    stopper.start()
+    try:
+        crew.run()  # returns once both readers have left; raises if one is still alive 5 s after stop
+    finally:
+        stopper.cancel()
+        ray.kill(server)
+    assert entered.is_set() and view.waiting is None
+    assert [w.doing for w in crew.workers] == ["stopped", "stopped"]
+    assert time.monotonic() - started < 1.0 + 5 * WAIT_POLL_S + 2.0

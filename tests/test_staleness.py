@@ -18,7 +18,8 @@ from asyncsgd.optim import make_optimizer
 from asyncsgd.outputs import resume_config
 from asyncsgd.run import train
 from asyncsgd.staleness import (STALENESS_EMA, PredictionState, delay_compensation, explicit_momentum,
-                                predicted_params, scale_by_staleness, staleness_momentum, weight_prediction)
+                                predicted_params, scale_by_staleness, staleness_adam, staleness_momentum,
+                                weight_prediction)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -82,6 +83,41 @@ def test_momentum_correction_at_staleness_zero_is_optax_momentum_bit_for_bit():
             ua, a = ours.update(g, a, NOW, staleness=0)
             ub, b = theirs.update(g, b, NOW)
             chex.assert_trees_all_equal(ua, ub)
+
+
+def test_adam_momentum_correction_lowers_the_first_moment_decay_by_hand():
+    """`momentum` under Adam: b1 -> explicit_momentum(b1, s_bar), the bias correction by the product of
+    the decays used; b2 untouched."""
+    b1, b2, eps, ema = 0.9, 0.999, 1e-8, STALENESS_EMA
+    opt = staleness_adam(b1, b2, eps)
+    state = opt.init({"w": NOW["w"]})
+    m, v, product, mean = np.zeros(3), np.zeros(3), 1.0, 0.0
+    decays = []
+    for count, (s, g) in enumerate([(0, [1.0, 0.0, 2.0]), (6, [0.5, 1.0, -1.0]), (2, [1.0, 1.0, 1.0]),
+                                    (20, [-1.0, 0.5, 0.0])], start=1):
+        g = np.asarray(g)
+        mean = ema * mean + (1 - ema) * s
+        s_bar = mean / (1 - ema ** count)
+        lag = max(b1 / (1 - b1) - s_bar, 0.0)
+        decay = b1 if s_bar == 0 else lag / (1 + lag)
+        decays.append(decay)
+        m, v, product = (1 - decay) * g + decay * m, (1 - b2) * g * g + b2 * v, product * decay
+        expected = (m / (1 - product)) / (np.sqrt(v / (1 - b2 ** count)) + eps)
+        out, state = opt.update({"w": jnp.asarray(g)}, state, None, staleness=s)
+        np.testing.assert_allclose(np.asarray(out["w"]), expected, rtol=1e-5, atol=1e-7)
+    assert decays[0] == b1 and 0 < decays[3] < decays[1] < decays[2] < b1, decays  # it follows the mean staleness
+    with pytest.raises(ValueError, match="b1"):
+        staleness_adam(1.0)
+
+
+def test_adam_momentum_correction_at_staleness_zero_is_optax_adam():
+    ours, theirs = staleness_adam(), optax.scale_by_adam()
+    a, b = ours.init(NOW), theirs.init(NOW)
+    for step in range(5):
+        g = jax.tree_util.tree_map(lambda x: x * (step + 1) - 0.5 * step, G)
+        ua, a = ours.update(g, a, NOW, staleness=0)
+        ub, b = theirs.update(g, b, NOW)
+        chex.assert_trees_all_close(ua, ub, rtol=1e-5)  # 1 - prod(b1) against 1 - b1^t: rounding only
 
 
 def test_weight_prediction_reads_ahead_by_the_running_mean_staleness_by_hand():
@@ -241,6 +277,20 @@ def test_summary_records_the_correction_and_defaults_reach_the_config(tiny_confi
     assert saved["staleness_correction"] == record
 
 
+def test_adam_with_the_default_correction_trains_on_two_devices(tiny_config, tiny_data):
+    """`--optimizer adam` with default flags: the default's `momentum` corrects Adam's b1 (it used to
+    refuse to start); the summary records the decays it ended at."""
+    config = replace(tiny_config, trainer="pdasgd", optimizer="adam", lr=0.01, devices=2, max_inflight=2)
+    assert config.staleness_correction == TrainConfig().staleness_correction and "momentum" in config.staleness_correction
+    summary = train(validate(config), tiny_data)
+    record = summary["staleness_correction"]
+    assert record["momentum"] == 0.9 and np.isfinite(summary["train_loss"])
+    means, decays = record["mean_staleness_by_stage"], record["explicit_momentum_by_stage"]
+    assert all(m is not None for m in means) and max(means) > 0, "no stale update: nothing was corrected"
+    assert all(0.0 <= d < 0.9 for d, m in zip(decays, means) if m > 0)
+    assert summary["test_accuracy"] > 0.3  # it learned (10 classes: chance is 0.1)
+
+
 def test_summary_records_how_far_ahead_a_predicting_run_read(tiny_config, tiny_data):
     config = replace(tiny_config, trainer="pdasgd", staleness_correction="scale,predict", epochs=1, devices=2,
                      max_inflight=2)
@@ -253,8 +303,6 @@ def test_summary_records_how_far_ahead_a_predicting_run_read(tiny_config, tiny_d
 
 def test_bad_corrections_are_refused(tiny_config):
     """(The CLI's one-line form of these is in test_cli's table of bad values.)"""
-    with pytest.raises(ConfigError, match="adam"):
-        validate(replace(tiny_config, staleness_correction="momentum", optimizer="adam"))
     with pytest.raises(ConfigError, match="--dc-lambda"):
         validate(replace(tiny_config, dc_lambda=-0.1))
     with pytest.raises(ConfigError, match="--staleness-correction: unknown value 'fast'"):

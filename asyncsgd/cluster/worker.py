@@ -28,11 +28,13 @@ from asyncsgd.errors import StallError
 from asyncsgd.store import Slot
 from asyncsgd.trainers import EpochPlan
 from asyncsgd.units import tree_nbytes
+from asyncsgd.workers import current_worker
 
 # Pushes a worker may have on their way to the servers before its backward thread waits for the oldest.
 MAX_PENDING_PUSHES = 32
-# A wait for a server's reply wakes this often to ask again (and to say what it waits for, see `waiting`).
-WAIT_POLL_S = 5.0
+# A wait for a server's reply wakes this often to ask again (a fetch another get cancelled starts
+# again), to check the waiting crew thread's stop event, and to say what it waits for (`waiting`).
+WAIT_POLL_S = 0.2
 
 
 class RemoteView:
@@ -135,18 +137,26 @@ class RemoteView:
 
     def _get(self, refs, what: str):
         """`ray.get(refs)`, one at a time in this process; a reply that takes longer than `WAIT_POLL_S`
-        is waited for again (a fetch another get cancelled starts again) and named in `waiting`."""
-        with self._get_lock:
+        is waited for again (a fetch another get cancelled starts again) and named in `waiting`. A
+        crew thread that waits checks its crew's stop event at each poll and raises `Stopped` (a
+        stopped epoch never leaves a thread waiting on a server that does not answer)."""
+        worker = current_worker()
+        check = worker.check if worker is not None else (lambda: None)
+        while not self._get_lock.acquire(timeout=WAIT_POLL_S):
+            check()
+        try:
             listed = refs if isinstance(refs, list) else [refs]
             if not listed:
                 return []
             self.waiting = (what, time.time())
             try:
                 while len(self._ray.wait(listed, num_returns=len(listed), timeout=WAIT_POLL_S)[0]) < len(listed):
-                    pass
+                    check()
                 return self._ray.get(refs)
             finally:
                 self.waiting = None
+        finally:
+            self._get_lock.release()
 
     def describe_wait(self) -> str:
         """What this view waits for now, if anything ('' when nothing)."""
