@@ -56,6 +56,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 import optax
+import optax.tree_utils as otu
 
 CORRECTIONS = ("none", "scale", "dc", "momentum", "predict")
 NEEDS_READ_PARAMS = frozenset({"dc"})  # corrections that need the parameters a gradient was taken at
@@ -206,8 +207,7 @@ def staleness_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         raise ValueError(f"adam's b1 must be in [0, 1), got {b1}")
 
     def init(params):
-        zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-        return StalenessAdamState(mu=zeros, nu=jax.tree_util.tree_map(jnp.zeros_like, params),
+        return StalenessAdamState(mu=otu.tree_zeros_like(params), nu=otu.tree_zeros_like(params),
                                   b1_product=jnp.ones([], jnp.float32), mean_staleness=jnp.zeros([], jnp.float32),
                                   count=jnp.zeros([], jnp.int32))
 
@@ -215,14 +215,12 @@ def staleness_adam(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8,
         del params, extra
         mean, count, s_bar = _running_staleness(state, staleness, ema)
         decay = explicit_momentum(b1, s_bar)
-        mu = jax.tree_util.tree_map(lambda g, m: (1 - decay.astype(g.dtype)) * g + decay.astype(g.dtype) * m,
-                                    updates, state.mu)
-        nu = jax.tree_util.tree_map(lambda g, v: (1 - b2) * jnp.square(g) + b2 * v, updates, state.nu)
+        mu = otu.tree_update_moment(updates, state.mu, decay, 1)  # optax's own moments, as scale_by_adam's
+        nu = otu.tree_update_moment_per_elem_norm(updates, state.nu, b2, 2)
         b1_product = state.b1_product * decay
-        nu_correction = 1 - b2 ** count.astype(jnp.float32)
-        out = jax.tree_util.tree_map(
-            lambda m, v: (m / (1 - b1_product).astype(m.dtype)) / (jnp.sqrt(v / nu_correction.astype(v.dtype)) + eps),
-            mu, nu)
+        nu_hat = otu.tree_bias_correction(nu, b2, count)
+        out = jax.tree_util.tree_map(lambda m, v: (m / (1 - b1_product).astype(m.dtype)) / (jnp.sqrt(v) + eps),
+                                     mu, nu_hat)
         return out, StalenessAdamState(mu, nu, b1_product, mean, count)
 
     return optax.GradientTransformationExtraArgs(init, update)
