@@ -38,12 +38,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import time
 from typing import Any, Callable, Collection, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from asyncsgd.models.conv import counting_flops
@@ -319,5 +319,7 @@ def has_state(state) -> bool:
 
 def tree_nbytes(tree) -> int:
     """Bytes held by the arrays of a pytree (e.g. the residuals of one forward pass)."""
-    return int(sum(np.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree_util.tree_leaves(tree)
-                   if hasattr(leaf, "shape")))
+    # `nbytes` where the leaf has it (arrays: a field read, called per pull and push), else from the
+    # shape (a ShapeDtypeStruct)
+    return int(sum(leaf.nbytes if hasattr(leaf, "nbytes") else math.prod(leaf.shape) * leaf.dtype.itemsize
+                   for leaf in jax.tree_util.tree_leaves(tree) if hasattr(leaf, "shape")))
