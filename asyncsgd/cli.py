@@ -91,7 +91,9 @@ def _add_run_flags(parser: _Parser, model_default: str, epochs_default: int) -> 
     parser.flag(g, "--weight-decay", type=float, default=d.weight_decay)
     parser.flag(g, "--schedule", choices=SCHEDULES, default=d.schedule)
     parser.flag(g, "--warmup-steps", type=int, default=d.warmup_steps,
-                   help="linear learning-rate warm-up over the first N updates of each stage")
+                   help="linear learning-rate warm-up over the first N updates of each stage (default: 25 x "
+                        "--devices for a trainer with stale updates to one shared store on several devices, "
+                        "else 0)")
     parser.flag(g, "--staleness-correction", default=d.staleness_correction,
                 help=f"how an update accounts for its gradient's staleness s, one of {{{','.join(CORRECTIONS)}}} "
                      "or several joined by commas: scale (lr / (1 + s)), dc (delay compensation), momentum "

@@ -53,7 +53,9 @@ class TrainConfig:
     nesterov: bool = False
     weight_decay: float = 0.0
     schedule: str = "constant"
-    warmup_steps: int = 0
+    # None: the trainer's default (`trainers.default_warmup_steps`: 25 x devices for a shared-store
+    # asynchronous trainer on several devices, else 0), filled in when a run starts.
+    warmup_steps: Optional[int] = None
     # How an update accounts for its gradient's staleness (asyncsgd/staleness.py): none, scale, dc,
     # momentum; dc's lambda.
     staleness_correction: str = "scale,momentum,predict"
@@ -199,7 +201,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     _require(0.0 <= config.momentum < 1.0, f"--momentum must be in [0, 1), got {config.momentum}")
     _require(math.isfinite(config.weight_decay) and config.weight_decay >= 0,
              f"--weight-decay must be >= 0, got {config.weight_decay}")
-    _require(config.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {config.warmup_steps}")
+    _require(config.warmup_steps is None or config.warmup_steps >= 0,
+             f"--warmup-steps must be >= 0, got {config.warmup_steps}")
     _require(config.train_subset is None or config.train_subset >= 1,
              f"--train-subset must be >= 1, got {config.train_subset}")
     _require(config.forward_threads >= 1, f"--forward-threads must be >= 1, got {config.forward_threads}")

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import optax
 
+from asyncsgd import trainers
 from asyncsgd.config import TrainConfig
 from asyncsgd.staleness import (ADAM_B1, delay_compensation, parse_corrections, scale_by_staleness, staleness_adam,
                                 staleness_momentum, weight_prediction)
 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up over `warmup_steps` updates of a stage, then constant or cosine decay to zero.
+    """Linear warm-up over `warmup_steps` updates of a stage (unset: the trainer's default,
+    `trainers.default_warmup_steps`), then constant or cosine decay to zero.
 
     Warm-up matters for the asynchronous trainers: the first `max_inflight + 1` items all read the
     initial parameters, so their (large, early) gradients land with staleness at once, and momentum
     compounds them (D-ASGD diverged on Fashion-MNIST at lr 0.05, momentum 0.9 without it).
     """
-    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    warmup = min(trainers.resolve_defaults(config).warmup_steps, max(total_steps - 1, 0))
     if config.schedule == "cosine":
         main = optax.cosine_decay_schedule(config.lr, decay_steps=max(total_steps - warmup, 1))
     else:

@@ -159,7 +159,7 @@ def divergence_advice(config: TrainConfig, spec) -> str:
         first = f"--staleness-correction {TrainConfig.staleness_correction} (the default; this run turned it off)"
     else:
         first = f"--lr {config.lr / 2:g} (half)"
-    return (f"try first {first}, then --warmup-steps {max(100, 4 * config.warmup_steps)} or --max-inflight 1 "
+    return (f"try first {first}, then --warmup-steps {max(100, 4 * (config.warmup_steps or 0))} or --max-inflight 1 "
             "(docs/usage.md, \"Staleness\")")
 
 

@@ -86,7 +86,7 @@ def train(config: TrainConfig, dataset: Optional[Dataset] = None, resume: bool =
       DivergedError: the loss became NaN/inf; the run stops, the outputs are written with status
         "diverged" (the summary is also attached to the exception as `.summary`).
     """
-    validate(config)
+    config = trainers.resolve_defaults(validate(config))  # resolved: what config.json and summary.json record
     if resume and config.out is None:
         raise ConfigError("--resume needs the run's output directory")
     spec = trainers.get(config.trainer)

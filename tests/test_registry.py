@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from conftest import replace, run_steps
 
-from asyncsgd import trainers
+from asyncsgd import TrainConfig, trainers
 from asyncsgd.cli import build_parser
 from asyncsgd.config import validate
 from asyncsgd.errors import ConfigError
+from asyncsgd.optim import learning_rate_schedule
 from asyncsgd.run import train
 from asyncsgd.trainers import Epoch, EpochResult, TrainerSpec, fixed_units
 
@@ -108,3 +109,28 @@ def test_the_built_in_specs():
     assert [n for n, s in specs.items() if s.exact_position] == ["sync", "ddp"]
     assert trainers.multi_device_names() == ("pdasgd", "dasgd", "hogwild", "ddp", "lapsgd", "lppsgd")
     assert trainers.default_comparison() == ["sync", "layerwise", "pdasgd", "dasgd", "hogwild"]
+
+
+@pytest.mark.parametrize("trainer, devices, expected", [
+    ("pdasgd", 4, 100), ("dasgd", 2, 50), ("hogwild", 4, 100),  # stale updates on one shared store
+    ("pdasgd", 1, 0),  # one device: as before
+    ("sync", 1, 0), ("layerwise", 1, 0), ("ddp", 4, 0),  # staleness 0: equal to each other
+    ("lapsgd", 4, 0), ("lppsgd", 2, 0),  # copies, stale only through averaging
+])
+def test_the_default_warm_up_grows_with_the_devices_for_shared_store_asynchronous_trainers(trainer, devices,
+                                                                                          expected):
+    config = TrainConfig(trainer=trainer, devices=devices)
+    assert config.warmup_steps is None
+    assert trainers.resolve_defaults(config).warmup_steps == expected
+    # one given on the command line is kept, 0 included
+    assert trainers.resolve_defaults(dataclasses.replace(config, warmup_steps=0)).warmup_steps == 0
+    assert trainers.resolve_defaults(dataclasses.replace(config, warmup_steps=7)).warmup_steps == 7
+
+
+def test_a_run_records_the_warm_up_it_resolved_and_ramps_its_rate(tiny_config, tiny_data):
+    config = replace(tiny_config, trainer="hogwild", devices=2, max_steps=6)
+    summary = train(config, tiny_data)
+    assert summary["status"] == "complete" and summary["config"]["warmup_steps"] == 50
+    schedule = learning_rate_schedule(config, total_steps=100)  # unresolved: resolved on the way
+    assert float(schedule(0)) == 0.0 and float(schedule(25)) == pytest.approx(config.lr / 2)
+    assert float(schedule(50)) == pytest.approx(config.lr)

@@ -248,8 +248,9 @@ def test_the_optimiser_sees_the_staleness_the_recorder_records(tiny_config, tiny
     real = asyncsgd.assemble.make_optimizer
     monkeypatch.setattr(asyncsgd.assemble, "make_optimizer",
                         lambda config, total: optax.chain(_spying(seen), real(config, total)))
+    # No warm-up: its first update, at rate 0, would leave a stale gradient's parameters unmoved.
     config = replace(tiny_config, trainer=trainer, devices=devices, staleness_correction=correction, out=None,
-                     max_inflight=4, backward_threads=3, workers=3, window="global")
+                     max_inflight=4, backward_threads=3, workers=3, window="global", warmup_steps=0)
     session = run_steps(config, tiny_data, 24)
     jax.effects_barrier()
     shapes = [str(jax.tree_util.tree_map(lambda x: x.shape, p)) for p in session.store.params()]
