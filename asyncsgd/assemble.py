@@ -86,7 +86,6 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
     Returns:
       The session and the number of steps the run plans.
     """
-    config = trainers.resolve_defaults(config)
     spec = trainers.get(config.trainer) if spec is None else spec
     clock = make_clock(config) if clock is None else clock
     model = get_model(config.model, dataset.input_shape, dataset.num_classes, norm=config.norm,

@@ -21,7 +21,8 @@ from asyncsgd.staleness import (ADAM_B1, delay_compensation, parse_corrections, 
 
 def learning_rate_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up over `warmup_steps` updates of a stage (unset: the trainer's default,
-    `trainers.default_warmup_steps`), then constant or cosine decay to zero.
+    `trainers.default_warmup_steps`, resolved here, where the value is used; `train()` resolves it
+    first only so that config.json records it), then constant or cosine decay to zero.
 
     Warm-up matters for the asynchronous trainers: the first `max_inflight + 1` items all read the
     initial parameters, so their (large, early) gradients land with staleness at once, and momentum

@@ -15,7 +15,7 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from asyncsgd import checkpoint, staleness
+from asyncsgd import checkpoint, staleness, trainers
 from asyncsgd.config import TrainConfig
 from asyncsgd.errors import CheckpointError, ConfigError, OutputExists
 from asyncsgd.metrics import Recorder, peak_rss_mb
@@ -159,7 +159,8 @@ def divergence_advice(config: TrainConfig, spec) -> str:
         first = f"--staleness-correction {TrainConfig.staleness_correction} (the default; this run turned it off)"
     else:
         first = f"--lr {config.lr / 2:g} (half)"
-    return (f"try first {first}, then --warmup-steps {max(100, 4 * (config.warmup_steps or 0))} or --max-inflight 1 "
+    warmup = trainers.resolve_defaults(config).warmup_steps  # the run's, given or its trainer's default
+    return (f"try first {first}, then --warmup-steps {max(100, 4 * warmup)} or --max-inflight 1 "
             "(docs/usage.md, \"Staleness\")")
 
 
