@@ -99,7 +99,9 @@ def test_ray_trains_like_the_local_backend(tmp_path):
 
 @pytest.mark.parametrize("trainer", ["dasgd", "hogwild"])
 def test_whole_model_trainers_push_every_stage_once(tmp_path, trainer):
-    config = _config(tmp_path, trainer, trainer=trainer, train_subset=12800)
+    # Hogwild with dc: its servers correct each gradient by the parameters they served for its read
+    correction = {"staleness_correction": "dc,scale,predict"} if trainer == "hogwild" else {}
+    config = _config(tmp_path, trainer, trainer=trainer, train_subset=12800, **correction)
     summary = train(config)
     assert summary["status"] == "complete" and summary["steps"] == 100
     # every item's gradient reached every stage's server exactly once, each recorded once
@@ -112,6 +114,9 @@ def test_whole_model_trainers_push_every_stage_once(tmp_path, trainer):
             by_item.setdefault((row["worker"], row["t_read"]), set()).add(row["stage"])
         odd = {key: stages for key, stages in by_item.items() if stages != {"dense1", "dense2", "head"}}
         assert not odd, list(odd.items())[:4]
+        kept = {name: (n, server["misses"]) for server in summary["dc_reads"]
+                for name, n in zip(server["stages"], server["versions_kept"])}
+        assert kept == {name: (128, 0) for name in ("dense1", "dense2", "head")}  # staleness here stays below 128
     assert summary["test_accuracy"] > 0.6
 
 
@@ -248,7 +253,6 @@ def test_what_the_ray_backend_refuses(tmp_path, monkeypatch):
     base = TrainConfig(trainer="pdasgd", model="mlp", backend="ray")
     for change, message in (({"trainer": "sync"}, "--backend ray runs --trainer pdasgd or dasgd or hogwild or lapsgd or lppsgd, not sync"),
                             ({"clock": "simulated"}, "--backend ray runs on the wall clock"),
-                            ({"staleness_correction": "dc"}, "--staleness-correction dc"),
                             ({"model": "resnet18", "dataset": "cifar10"}, "--norm group"),
                             ({"backend": "local", "ray_address": "auto"}, "--ray-address needs --backend ray")):
         with pytest.raises(ConfigError, match=message.replace("-", r"\-")):
@@ -311,6 +315,52 @@ def test_a_stage_server_hands_out_the_predicted_parameters(tiny_config, tiny_dat
     for a, b in zip(jax.tree_util.tree_leaves(pulled),
                     jax.tree_util.tree_leaves(predicted_params(slot.params, slot.opt_state))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_stage_server_applies_dc_against_the_parameters_it_served(tiny_config, tiny_data):
+    """dc on a stage server (a plain class here, no Ray): a gradient read from version 0 and pushed when
+    the stage is at version 1 is corrected by the parameters the server handed out for version 0, by
+    hand: w - lr (g + lambda g*g (w - w_read)) (plain SGD, no momentum, constant rate); a version never
+    served, or no longer kept, gets no dc term and is counted as missed."""
+    import dataclasses
+
+    import jax
+    import numpy as np
+
+    from asyncsgd.assemble import build_session
+    from asyncsgd.cluster.servers import StageServer, host_slots
+    config = replace(tiny_config, trainer="pdasgd", staleness_correction="dc", momentum=0.0, warmup_steps=0,
+                     dc_lambda=0.5, out=None)
+    session, total = build_session(config, tiny_data.normalized())
+    shapes = {"input_shape": list(session.model.input_shape), "num_classes": session.model.num_classes,
+              "vocab_size": session.dataset.vocab_size, "total_steps": total}
+    head = len(session.store) - 1
+    server = StageServer(dataclasses.asdict(config), shapes, [head], host_slots(session.store, [head]), 0.0)
+    leaves = jax.tree_util.tree_leaves
+    rng = np.random.default_rng(0)
+    grads = jax.tree_util.tree_map(lambda a: rng.normal(size=np.shape(a)).astype(np.float32),
+                                   host_slots(session.store, [head])[0][2])
+    _, served = server.pull(head, -1)  # version 0 handed out (and kept)
+    server.push(head, grads, 0, "test", 0.0)  # staleness 0: w_read is w
+    before = jax.device_get(server.store.read(0).params)
+    assert server.push(head, grads, 0, "test", 0.0) == 1  # staleness 1: read at version 0
+    after = jax.device_get(server.store.read(0).params)
+    for w, w_read, g, new in zip(leaves(before), leaves(served), leaves(grads), leaves(after)):
+        expected = w - config.lr * (g + config.dc_lambda * g * g * (w - w_read))
+        np.testing.assert_allclose(new, expected, rtol=1e-5, atol=1e-6)
+    assert max(np.abs(w - r).max() for w, r in zip(leaves(before), leaves(served))) > 0
+    assert server.read_stats()["misses"] == 0
+    server.push(head, grads, 1, "test", 0.0)  # version 1 was never pulled: plain SGD
+    for w, g, new in zip(leaves(after), leaves(grads), leaves(jax.device_get(server.store.read(0).params))):
+        np.testing.assert_allclose(new, w - config.lr * g, rtol=1e-5, atol=1e-6)
+    assert server.read_stats()["misses"] == 1
+    server.read_keep[0] = 2  # keeps the two newest versions served
+    for _ in range(3):
+        server.pull(head, -1)
+        server.push(head, grads, server.store.read(0).version, "test", 0.0)
+    assert sorted(server._served[0]) == [4, 5]
+    server.push(head, grads, 0, "test", 0.0)  # version 0 is no longer kept
+    assert server.read_stats()["misses"] == 2
 
 
 def test_a_crew_thread_waiting_on_a_server_that_never_answers_stops_with_its_crew():

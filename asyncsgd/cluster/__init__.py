@@ -5,7 +5,9 @@ What runs where:
     of a contiguous group of stages (split by size) and that group's compiled `update` units. A pushed
     gradient is applied under the local store's commit rule: staleness = the stage's version now minus
     the version the gradient's forward pass read; one update per push, in arrival order (an actor runs
-    one call at a time), never retried (`max_task_retries=0`), so never applied twice.
+    one call at a time), never retried (`max_task_retries=0`), so never applied twice. With a dc
+    correction a server keeps the parameters it served for each stage's newest versions (what a
+    pushed gradient was taken at: `StageServer.pull`), so the workers send nothing more.
   worker actors (`worker.py`): one per `--devices`, each its own process with its own JAX, compiled
     forward/backward units and the trainer's own threads (`asyncsgd.trainers`, unchanged), reading its
     own share of the batches from the dataset files. Its view of the model (`RemoteView`) pulls a stage
@@ -39,9 +41,6 @@ def check(config) -> None:
         raise ConfigError("--backend ray runs on the wall clock; --clock simulated is for --backend local")
     if config.placement != "replicated":
         raise ConfigError("--backend ray places one worker actor per device (--placement replicated)")
-    if "dc" in config.staleness_correction.split(","):
-        raise ConfigError("--staleness-correction dc needs the parameters each gradient was taken at, which "
-                          "a Ray worker does not send; use scale and/or momentum with --backend ray")
     if config.model.startswith("resnet") and config.norm == "batch":
         raise ConfigError("--backend ray keeps no batch-norm statistics yet; use --norm group for a ResNet")
     if config.delay != "none":

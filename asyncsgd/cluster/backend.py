@@ -368,6 +368,8 @@ def _summary(session) -> dict:
     if kit.copies:  # updates went to the workers' copies: count their records (the servers' versions count averages)
         per_stage = collections.Counter(update.stage for update in session.recorder.updates)
         counted = {"updates_per_stage": {name: per_stage[stage] for stage, name in enumerate(session.model.stage_names)}}
+    if session.keeps_read_params and not kit.copies:  # dc on the servers: what they kept, what they missed
+        counted["dc_reads"] = _from_servers(session, kit, "read_stats")
     return {**counted, "backend": "ray", "devices": len(kit.workers), "workers": kit.infos, "workers_lost": kit.workers_lost,
             "workers_restarted": kit.workers_restarted, "workers_dropped": sorted(kit.dropped),
             "stage_servers": kit.server_infos,

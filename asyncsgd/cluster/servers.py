@@ -8,6 +8,7 @@ wraps it with `ray.remote` (so importing this module needs no Ray).
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import time
@@ -19,10 +20,16 @@ import numpy as np
 from asyncsgd.config import TrainConfig
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
-from asyncsgd.staleness import predicted_params
+from asyncsgd.staleness import NEEDS_READ_PARAMS, parse_corrections, predicted_params
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.lapsgd import tree_mean
-from asyncsgd.units import Units
+from asyncsgd.units import Units, tree_nbytes
+
+# A dc correction needs the parameters each gradient was taken at: a server keeps what it served for
+# the newest versions of each stage, at most this many versions and this many bytes per server (split
+# evenly among its stages). A gradient read from an older version gets no dc term (counted as missed).
+READ_KEEP_VERSIONS = 128
+READ_KEEP_BYTES = 512 * 2**20
 
 
 def split_stages(sizes: Sequence[int], servers: int) -> list[list[int]]:
@@ -69,6 +76,13 @@ class StageServer:
         by_stage = {slot[0]: slot for slot in slots}
         self.store = ParamStore(self.names, [jax.device_put(by_stage[s][2]) for s in self.stages],
                                 [jax.device_put(by_stage[s][3]) for s in self.stages])
+        # dc: per stage, version -> the parameters served for it (what the gradient pushed later was taken at)
+        self.keeps_read = bool(parse_corrections(config.staleness_correction) & NEEDS_READ_PARAMS)
+        self._served: list[collections.OrderedDict] = [collections.OrderedDict() for _ in self.stages]
+        budget = READ_KEEP_BYTES // max(len(self.stages), 1)
+        self.read_keep = [max(2, min(READ_KEEP_VERSIONS, budget // max(tree_nbytes(self.store.read(local).params), 1)))
+                          for local in range(len(self.stages))]
+        self.read_misses = 0
         self.load(slots)
         for local, stage in enumerate(self.stages):  # compile before the first push
             slot = self.store.read(local)
@@ -85,19 +99,32 @@ class StageServer:
         Not an object ref put once per version: a worker's get of such a ref (owned by this server,
         borrowed through the reply) hung now and then while the server replaced it with the next
         version's (1 run in 7 of a 2-worker Hogwild run, Ray 2.60); a plain reply cannot."""
-        slot = self.store.read(self.stages.index(stage))
+        local = self.stages.index(stage)
+        slot = self.store.read(local)
         if slot.version == have_version:
             return None
-        return slot.version, jax.device_get(predicted_params(slot.params, slot.opt_state))
+        params = predicted_params(slot.params, slot.opt_state)
+        if self.keeps_read:
+            served = self._served[local]
+            served[slot.version] = params
+            served.move_to_end(slot.version)
+            while len(served) > self.read_keep[local]:
+                served.popitem(last=False)
+        return slot.version, jax.device_get(params)
 
     def push(self, stage: int, grads: Any, version_read: int, worker: str, t_read: float) -> int:
         """Applies one gradient of `stage`, computed from `version_read`; returns the version it was
-        applied to (staleness = that minus `version_read`)."""
+        applied to (staleness = that minus `version_read`). A dc correction compares the parameters now
+        with those served for `version_read` (`pull`); where they are no longer kept, with the
+        parameters now (no dc term; counted in `read_misses`)."""
         local = self.stages.index(stage)
         grads = jax.device_put(grads)
         update = self.units.update[stage]
+        read = self._served[local].get(version_read) if self.keeps_read else None
+        if self.keeps_read and read is None:
+            self.read_misses += 1
         commit = self.store.commit(local, lambda params, opt_state: update(
-            params, opt_state, grads, self.store.staleness(local, version_read), params))
+            params, opt_state, grads, self.store.staleness(local, version_read), params if read is None else read))
         version = commit.before.version
         self._updates.append((stage, version_read, version, worker, t_read, time.time() - self.t0))
         return version
@@ -126,6 +153,13 @@ class StageServer:
                         [jax.device_put(s[3]) for s in ordered], self.store.states(), [0] * len(ordered))
         self._base = self.store.params()
         self._latest.clear()
+        for served in self._served:  # the versions start again from the loaded ones
+            served.clear()
+
+    def read_stats(self) -> dict:
+        """What a dc correction kept: per stage the most versions kept, and the pushes whose read
+        parameters were no longer kept (applied without the dc term)."""
+        return {"stages": self.names, "versions_kept": self.read_keep, "misses": self.read_misses}
 
     def take_updates(self) -> list[tuple]:
         """Every update applied since the last call: `(stage, version_read, version_commit, worker,
