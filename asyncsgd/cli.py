@@ -316,6 +316,12 @@ def _report(summary: dict, config: TrainConfig) -> int:
             "test_loss", "time_to_target_s", "samples_per_s", "wall_time_s", "compile_time_s", "mfu", "peak_rss_mb")
     print(json.dumps({k: summary[k] for k in keys}, indent=2))
     print(f"results: {config.out}/summary.json, metrics.jsonl, updates.csv")
+    if summary.get("learned_nothing"):
+        from asyncsgd.outputs import divergence_advice
+        print(f"warning: the run learned nothing (test accuracy {100 * summary['test_accuracy']:.2f}% is chance, "
+              f"training loss {summary['train_loss']:.4f} that of a uniform guess); unless the learning rate is "
+              f"tiny, early steps were too large (a stall with a finite loss): "
+              f"{divergence_advice(config, trainers.get(config.trainer))}", file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Optional
 
@@ -153,6 +154,16 @@ class RunTotals:
             self.peak_inflight = max(self.peak_inflight or 0, result.peak_inflight)
 
 
+def learned_nothing(test_accuracy: Optional[float], train_loss: float, num_classes: int) -> bool:
+    """Whether a run that finished is no better than a guess: test accuracy within 2 points of chance
+    (1 / classes) and a training loss still at 95% or more of a uniform guess's, ln(classes). A run can
+    stall so with a finite loss (measured: the CNN, one device, without `scale`, one seed in three),
+    where the divergence stop does not fire."""
+    if test_accuracy is None or not math.isfinite(train_loss) or num_classes < 2:
+        return False
+    return test_accuracy <= 1.0 / num_classes + 0.02 and train_loss >= 0.95 * math.log(num_classes)
+
+
 def divergence_advice(config: TrainConfig, spec) -> str:
     """What a diverged run's user should try first (the end of its one-line error)."""
     if not staleness.parse_corrections(config.staleness_correction) and spec.staleness_bound(config) != 0:
@@ -186,6 +197,7 @@ def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_s
         "test_accuracy": tests.accuracy, "test_loss": tests.loss, "target_accuracy": config.target_accuracy,
         "time_to_target_s": tests.time_to_target_s, "steps_to_target": tests.steps_to_target,
         "train_loss": recorder.train_loss(), "staleness": recorder.staleness(),
+        "learned_nothing": learned_nothing(tests.accuracy, recorder.train_loss(), session.model.num_classes),
         "staleness_correction": staleness.describe(config, [slot.opt_state for slot in store.slots()]),
         "staleness_bound": spec.staleness_bound(config),
         "updates_per_stage": dict(zip(session.model.stage_names, session.updates_per_stage())),

@@ -93,7 +93,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         per_epoch = [epoch_accuracies(r["out"]) for r in runs]
         epochs = max((len(e) for e in per_epoch), default=0)
         line: dict[str, Any] = {"label": label, "seeds": len(runs), "trainer": runs[0]["trainer"],
-                                "statuses": sorted({r["status"] for r in runs})}
+                                "statuses": sorted({r["status"] + (" at chance" if r.get("learned_nothing") else "") for r in runs})}
         line.update({k: runs[0][k] for k in runs[0].get("arm_columns", ())})
         line["clock"] = runs[0].get("clock", "wall")
         for key in ("test_accuracy", "wall_time_s", "samples_per_s", "time_to_target_s"):

@@ -33,6 +33,7 @@ def test_train_writes_config_metrics_updates_and_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert SUMMARY_KEYS <= set(summary)
     assert summary["status"] == "complete" and summary["trainer"] == "pdasgd"
+    assert summary["learned_nothing"] is False and "learned nothing" not in result.stderr
     assert summary["epochs_completed"] == 2 and summary["steps"] == 2 * (2048 // 32)
     assert summary["samples"] == summary["steps"] * 32
     assert summary["test_accuracy"] > 0.8
@@ -54,6 +55,31 @@ def test_train_writes_config_metrics_updates_and_summary(tmp_path):
     assert [r["epoch"] for r in records if r["event"] == "eval"] == [0, 1]
     lines = (out / "updates.csv").read_text().splitlines()
     assert lines[0].startswith("stage,version_read,version_commit,staleness") and len(lines) == 1 + 3 * 128
+
+
+def test_a_run_that_learns_nothing_finishes_with_a_warning(tmp_path):
+    """A run that ends no better than a guess with a finite loss (here: a rate too small to move the
+    weights; measured: 8.4% and training loss 2.51 for 10 classes) completes, says so on stderr and in
+    summary.json (exit 0: it is a result, not an error)."""
+    out = tmp_path / "still"
+    result = cli("train", "--model", "mlp", "--dataset", "synthetic", "--batch-size", "32", "--epochs", "1",
+                 "--lr", "1e-9", "--seed", "0", "--no-progress", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "complete" and summary["learned_nothing"] is True
+    warning = [line for line in result.stderr.splitlines() if line.startswith("warning: the run learned nothing")]
+    assert len(warning) == 1 and "try first --lr 5e-10 (half)" in warning[0]
+
+
+def test_learned_nothing_is_chance_accuracy_with_a_uniform_guess_loss():
+    import math
+
+    from asyncsgd.outputs import learned_nothing
+    assert learned_nothing(0.10, math.log(10), 10) and learned_nothing(0.12, 0.95 * math.log(10), 10)
+    assert not learned_nothing(0.13, math.log(10), 10)  # 3 points above chance
+    assert not learned_nothing(0.10, 0.9 * math.log(10), 10)  # the loss moved
+    assert learned_nothing(0.51, math.log(2), 2) and not learned_nothing(0.53, math.log(2), 2)
+    assert not learned_nothing(None, math.log(10), 10) and not learned_nothing(0.1, float("nan"), 10)
 
 
 @pytest.mark.parametrize("args, fragment", [
