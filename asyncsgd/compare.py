@@ -59,7 +59,8 @@ def format_comparison(rows: Sequence[dict]) -> str:
         if r["status"] == "diverged":
             ratio += f" (diverged at step {r['diverged']['step']})"
         stale = " ".join(f"{name}:{s['mean']:.1f}/{s['max']}" for name, s in r["staleness"].items())
-        lines.append(f"| {r['trainer']} | {100 * r['test_accuracy']:.2f}% | {r['test_loss']:.4f} | "
+        chance = " (at chance)" if r.get("learned_nothing") else ""
+        lines.append(f"| {r['trainer']} | {100 * r['test_accuracy']:.2f}%{chance} | {r['test_loss']:.4f} | "
                      f"{r['samples_per_s']:.0f} | {ratio} | "
                      + (f"{r['simulated_time_s']:.4g}" if simulated else f"{r['wall_time_s']:.1f}")
                      + f" | {100 * r['mfu']:.1f}% | "
