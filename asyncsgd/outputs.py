@@ -183,6 +183,7 @@ def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_s
                                              session.clock)
     run_time = recorder.wall_time_s()  # on the run's clock
     samples_per_s = recorder.samples / run_time if run_time > 0 else 0.0
+    train_loss = recorder.train_loss()
     simulated = {}
     if clock.simulated:
         simulated = {"profile": clock.profile.to_json(), "sim_tie_seed": clock.tie_seed,
@@ -196,8 +197,8 @@ def summary(session, spec, status: str, tests, totals: RunTotals, *, flops_per_s
         "compile_time_s": units.compile_time_s, "eval_time_s": tests.time_s, "samples_per_s": samples_per_s,
         "test_accuracy": tests.accuracy, "test_loss": tests.loss, "target_accuracy": config.target_accuracy,
         "time_to_target_s": tests.time_to_target_s, "steps_to_target": tests.steps_to_target,
-        "train_loss": recorder.train_loss(), "staleness": recorder.staleness(),
-        "learned_nothing": learned_nothing(tests.accuracy, recorder.train_loss(), session.model.num_classes),
+        "train_loss": train_loss, "staleness": recorder.staleness(),
+        "learned_nothing": learned_nothing(tests.accuracy, train_loss, session.model.num_classes),
         "staleness_correction": staleness.describe(config, [slot.opt_state for slot in store.slots()]),
         "staleness_bound": spec.staleness_bound(config),
         "updates_per_stage": dict(zip(session.model.stage_names, session.updates_per_stage())),

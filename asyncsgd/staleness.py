@@ -262,6 +262,12 @@ def _find(opt_state, kind):
     return None
 
 
+def needs_read_params(text: str) -> bool:
+    """Whether `--staleness-correction` `text` needs the parameters each gradient was taken at (dc):
+    then whoever applies an update keeps them from the read until the commit."""
+    return bool(parse_corrections(text) & NEEDS_READ_PARAMS)
+
+
 def predicted_params(params, opt_state):
     """What a forward pass should read of a stage: its predicted parameters where its optimiser
     predicts (`predict`), else `params` itself."""

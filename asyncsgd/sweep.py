@@ -83,6 +83,11 @@ def mean_spread(values: Sequence[Optional[float]]) -> tuple[Optional[float], Opt
     return statistics.mean(values), ((max(values) - min(values)) / 2 if len(values) > 1 else 0.0)
 
 
+def _status(row: dict) -> str:
+    """A run's status for the tables: "complete at chance" where it learned nothing."""
+    return row["status"] + (" at chance" if row.get("learned_nothing") else "")
+
+
 def aggregate(rows: Sequence[dict]) -> list[dict]:
     """One line per label (in first-seen order): means and spreads over its seeds."""
     by_label: dict[str, list[dict]] = {}
@@ -93,7 +98,7 @@ def aggregate(rows: Sequence[dict]) -> list[dict]:
         per_epoch = [epoch_accuracies(r["out"]) for r in runs]
         epochs = max((len(e) for e in per_epoch), default=0)
         line: dict[str, Any] = {"label": label, "seeds": len(runs), "trainer": runs[0]["trainer"],
-                                "statuses": sorted({r["status"] + (" at chance" if r.get("learned_nothing") else "") for r in runs})}
+                                "statuses": sorted({_status(r) for r in runs})}
         line.update({k: runs[0][k] for k in runs[0].get("arm_columns", ())})
         line["clock"] = runs[0].get("clock", "wall")
         for key in ("test_accuracy", "wall_time_s", "samples_per_s", "time_to_target_s"):

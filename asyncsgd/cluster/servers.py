@@ -20,7 +20,7 @@ import numpy as np
 from asyncsgd.config import TrainConfig
 from asyncsgd.models import get_model
 from asyncsgd.optim import make_optimizer
-from asyncsgd.staleness import NEEDS_READ_PARAMS, parse_corrections, predicted_params
+from asyncsgd.staleness import needs_read_params, predicted_params
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.lapsgd import tree_mean
 from asyncsgd.units import Units, tree_nbytes
@@ -77,7 +77,7 @@ class StageServer:
         self.store = ParamStore(self.names, [jax.device_put(by_stage[s][2]) for s in self.stages],
                                 [jax.device_put(by_stage[s][3]) for s in self.stages])
         # dc: per stage, version -> the parameters served for it (what the gradient pushed later was taken at)
-        self.keeps_read = bool(parse_corrections(config.staleness_correction) & NEEDS_READ_PARAMS)
+        self.keeps_read = needs_read_params(config.staleness_correction)
         self._served: list[collections.OrderedDict] = [collections.OrderedDict() for _ in self.stages]
         budget = READ_KEEP_BYTES // max(len(self.stages), 1)
         self.read_keep = [max(2, min(READ_KEEP_VERSIONS, budget // max(tree_nbytes(self.store.read(local).params), 1)))

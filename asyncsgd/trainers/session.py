@@ -11,7 +11,7 @@ from asyncsgd.data.dataset import Dataset, prefetch_worker
 from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
 from asyncsgd.models.staged import StagedModel
-from asyncsgd.staleness import NEEDS_READ_PARAMS, PREDICTS, parse_corrections
+from asyncsgd.staleness import PREDICTS, needs_read_params, parse_corrections
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers.base import EpochPlan, EpochResult
 from asyncsgd.trainers.placement import DeviceView
@@ -70,7 +70,7 @@ class Session:
         """Whether updates need the parameters their gradient was computed at (a `dc` correction):
         then the trainers keep a reference to them from the read until the commit. (Asked by every
         pass: parsed once per session.)"""
-        return bool(parse_corrections(self.config.staleness_correction) & NEEDS_READ_PARAMS)
+        return needs_read_params(self.config.staleness_correction)
 
     @functools.cached_property
     def predicts(self) -> bool:
