@@ -17,7 +17,7 @@ from asyncsgd.devices import local_device_count, run_devices, simulated_devices
 from asyncsgd.errors import ConfigError
 from asyncsgd.evaluation import eval_batch_size
 from asyncsgd.metrics import Recorder
-from asyncsgd.models import get_model
+from asyncsgd.models import get_model, onednn
 from asyncsgd.optim import make_optimizer
 from asyncsgd.store import ParamStore
 from asyncsgd.trainers import Session
@@ -108,16 +108,18 @@ def build_session(config: TrainConfig, dataset: Dataset, recorder_kwargs: Option
     kwargs = dict(writer=None, progress=False, desc=config.trainer, log_every=config.log_every)
     kwargs.update(recorder_kwargs or {})
     recorder = Recorder(model.stage_names, config.batch_size, total_steps, clock=clock, **kwargs)
+    threads = trainers.conv_threads(config)
     session = Session(config, model, units, store, dataset, recorder, devices=tuple(devices),
-                      delay=parse_delay(config.delay, devices=len(devices)), clock=clock)
+                      delay=parse_delay(config.delay, devices=len(devices)), clock=clock, conv_threads=threads)
     prepared = spec.prepare(session)  # may re-place the store (ddp) and compile the trainer's own units
     session = dataclasses.replace(session, kit=prepared.kit, replicas=tuple(prepared.replicas),
                                   model_view=prepared.model_view)
     every, home = ((tuple(unit_groups), ()) if unit_groups is not None else spec.units(config, len(devices)))
     trees = (store.params(), store.opt_states(), store.states())
-    if every:
-        units.warmup(*trees, config.batch_size, groups=every, devices=real if len(real) > 1 else None)
-    units.warmup(*trees, config.batch_size, eval_batch_size(config, dataset), groups=home)
+    with onednn.threads_set(threads):  # oneDNN makes its primitives for the epochs' thread count now
+        if every:
+            units.warmup(*trees, config.batch_size, groups=every, devices=real if len(real) > 1 else None)
+        units.warmup(*trees, config.batch_size, eval_batch_size(config, dataset), groups=home)
     if clock.simulated:
         _bind_device_model(session)
     return session, total_steps

@@ -70,6 +70,7 @@ class _Contender:
             "staleness_max": max((s["max"] for s in staleness.values()), default=0),
             "residual_mb_per_item": session.units.residual_bytes / 2 ** 20,
             "max_trace_count": session.units.max_trace_count(),
+            "conv_threads": session.conv_threads,  # each oneDNN convolution's threads (0: all cores)
         }
 
 
@@ -287,13 +288,17 @@ def format_bench(result: dict) -> str:
              f"{result['steps']} steps per trainer, "
              f"residuals {result['residuals']}, peak {result['peak_flops'] / 1e9:.0f} GFLOP/s (matmul)",
              "",
-             "| trainer | residuals | samples/s | ratio to sync | ratio to peer | MFU | staleness mean/max "
-             "| residual MB/item | RSS MB (growth) | rounds (samples/s) |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| trainer | residuals | conv threads | samples/s | ratio to sync | ratio to peer | MFU "
+             "| staleness mean/max | residual MB/item | RSS MB (growth) | rounds (samples/s) |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    convolutions = bool(result.get("convolutions"))
     for r in result["rows"]:
         to_peer = f"{r['ratio_to_peer']:.2f}x" if "ratio_to_peer" in r else ""
         rss = f"{r['rss_mb_rounds'][-1]:.0f} ({r['rss_growth_mb']:+.0f})" if r["rss_mb_rounds"] else ""
-        lines.append(f"| {r['trainer']} | {r['residuals']} | {r['samples_per_s']:.0f} | {r['ratio_to_sync']:.2f}x | "
+        threads = r.get("conv_threads")
+        threads = "" if threads is None or not convolutions else (str(threads) if threads else "all")
+        lines.append(f"| {r['trainer']} | {r['residuals']} | {threads} | {r['samples_per_s']:.0f} | "
+                     f"{r['ratio_to_sync']:.2f}x | "
                      f"{to_peer} | {100 * r['mfu']:.1f}% | {r['staleness_mean']:.2f}/{r['staleness_max']} | "
                      f"{r['residual_mb_per_item']:.1f} | {rss} | "
                      f"{' '.join(f'{v:.0f}' for v in r['samples_per_s_rounds'])} |")

@@ -118,6 +118,9 @@ def _add_schedule_flags(parser: _Parser, d: TrainConfig) -> None:
     parser.flag(g, "--workers", type=int, default=d.workers, help="hogwild worker threads")
     parser.flag(g, "--residuals", choices=RESIDUAL_MODES, default=d.residuals,
                    help="stash the forward's pullback, or recompute it at the current parameters")
+    parser.flag(g, "--conv-threads", type=int, default=d.conv_threads,
+                   help="threads of each oneDNN convolution while training (0: all cores; 1: one core each, "
+                        "so concurrent passes run side by side; docs/measurements.md)")
     g = parser.add_argument_group("devices and delays")
     parser.flag(g, "--devices", type=int, default=d.devices,
                    help="JAX devices, each with its own workers (" + ", ".join(trainers.multi_device_names())

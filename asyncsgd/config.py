@@ -83,6 +83,10 @@ class TrainConfig:
     max_inflight: int = 4
     workers: int = 2
     residuals: str = "stash"
+    # OpenMP threads of each oneDNN convolution while a trainer runs (0: all cores; 1: one core per
+    # convolution, so that concurrent passes run side by side instead of sharing every kernel). None:
+    # the trainer's default (`trainers.conv_threads`), filled in when a run starts.
+    conv_threads: Optional[int] = None
     # Devices: each hosts its own workers (JAX devices; on a CPU, virtual CPU devices sharing the cores).
     devices: int = 1
     # The run-ahead window on N devices: "global" (one over all batches: a hard staleness bound, but a
@@ -209,6 +213,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     _require(config.backward_threads >= 1, f"--backward-threads must be >= 1, got {config.backward_threads}")
     _require(config.forward_threads <= 64 and config.backward_threads <= 64,
              "--forward-threads and --backward-threads must be <= 64")
+    _require(config.conv_threads is None or 0 <= config.conv_threads <= 1024, f"--conv-threads must be in [0, 1024], got {config.conv_threads}")
     _require(0 <= config.max_inflight <= 1024, f"--max-inflight must be in [0, 1024], got {config.max_inflight}")
     _require(1 <= config.workers <= 64, f"--workers must be in [1, 64], got {config.workers}")
     _require(1 <= config.devices <= 64, f"--devices must be in [1, 64], got {config.devices}")

@@ -22,6 +22,20 @@ def test_bench_rows_ratios_and_table(tmp_path):
     assert (tmp_path / "bench.md").read_text().strip() == format_bench(result)
 
 
+def test_bench_records_each_trainers_convolution_threads():
+    # The whole-pass trainers' rule (`trainers.conv_threads`) or the flag given, per row and in the table.
+    from asyncsgd import trainers
+    base = TrainConfig(model="cnn", dataset="synthetic", batch_size=8, progress=False)
+    result = bench(base, ["sync", "hogwild"], steps=1, rounds=1)
+    rows = {row["trainer"]: row for row in result["rows"]}
+    hogwild = trainers.conv_threads(TrainConfig(trainer="hogwild"))
+    assert rows["sync"]["conv_threads"] == 0 and rows["hogwild"]["conv_threads"] == hogwild
+    assert f"| hogwild |  | {hogwild or 'all'} |" in format_bench(result)
+    given = bench(TrainConfig(model="cnn", dataset="synthetic", batch_size=8, progress=False, conv_threads=3),
+                  ["hogwild"], steps=1, rounds=1)
+    assert given["rows"][0]["conv_threads"] == 3
+
+
 def test_model_table_sizes_and_times_a_model(tmp_path):
     from asyncsgd.bench import model_table
     base = TrainConfig(batch_size=16, progress=False)

@@ -205,7 +205,7 @@ def test_config_to_argv_round_trips_every_field(tmp_path):
         momentum=0.5, nesterov=True, weight_decay=1e-4, schedule="cosine", warmup_steps=4, seed=9, data_dir="/d",
         out=str(tmp_path), train_subset=100, augment=False, cifar100_labels="coarse", vocab_size=99, min_count=3,
         max_len=17, norm="group", forward_threads=2, backward_threads=3, max_inflight=2, workers=3,
-        residuals="recompute", devices=2, window="device", delay="exp:mean=0.5", averaging_period=3,
+        residuals="recompute", conv_threads=1, devices=2, window="device", delay="exp:mean=0.5", averaging_period=3,
         averaging_warmup=5, target_accuracy=0.5, stop_at_target=False, eval_every_steps=11, stage_sync=False,
         checkpoint_every="30s", keep_checkpoints=3, eval_every=2, log_every=3, eval_batch_size=77, watchdog_s=9.0,
         progress=False, overwrite=True, clock="simulated", profile="h100", sim_tie_seed=5, placement="split",

@@ -2,6 +2,7 @@
 `train()`, the CLI and the configuration asking the registry, and the specs of the built-in trainers."""
 
 import dataclasses
+import os
 
 import chex
 import jax
@@ -13,6 +14,7 @@ from asyncsgd import TrainConfig, trainers
 from asyncsgd.cli import build_parser
 from asyncsgd.config import validate
 from asyncsgd.errors import ConfigError
+from asyncsgd.models import onednn
 from asyncsgd.optim import learning_rate_schedule
 from asyncsgd.run import train
 from asyncsgd.trainers import Epoch, EpochResult, TrainerSpec, fixed_units
@@ -134,3 +136,53 @@ def test_a_run_records_the_warm_up_it_resolved_and_ramps_its_rate(tiny_config, t
     schedule = learning_rate_schedule(config, total_steps=100)  # unresolved: resolved on the way
     assert float(schedule(0)) == 0.0 and float(schedule(25)) == pytest.approx(config.lr / 2)
     assert float(schedule(50)) == pytest.approx(config.lr)
+
+
+@pytest.mark.parametrize("trainer, workers, devices", [
+    ("sync", 2, 1), ("pdasgd", 2, 1), ("dasgd", 2, 4),  # stage-wise or one pass: every convolution on all cores
+    ("hogwild", 2, 1), ("hogwild", 1, 1), ("hogwild", 2, 4), ("lapsgd", 2, 2), ("lppsgd", 1, 2),  # whole passes
+])
+def test_the_convolution_threads_are_the_cores_shared_among_concurrent_whole_passes(trainer, workers, devices):
+    cores = os.cpu_count() or 1
+    config = TrainConfig(trainer=trainer, workers=workers, devices=devices)
+    assert config.conv_threads is None
+    whole_passes = trainer in ("hogwild", "lapsgd", "lppsgd")
+    share = max(1, cores // (workers * devices))
+    expected = (0 if share >= cores else share) if whole_passes else 0
+    assert trainers.conv_threads(config) == expected
+    assert trainers.resolve_defaults(config).conv_threads == expected
+    # given on the command line, it wins (0 included)
+    assert trainers.conv_threads(dataclasses.replace(config, conv_threads=0)) == 0
+    assert trainers.resolve_defaults(dataclasses.replace(config, conv_threads=3)).conv_threads == 3
+    with pytest.raises(ConfigError, match="--conv-threads must be in"):
+        validate(dataclasses.replace(config, conv_threads=-1))
+
+
+def test_an_epoch_runs_its_workers_at_the_runs_convolution_threads_and_restores_them(tiny_config, tiny_data):
+    available, reason = onednn.status()  # loads the library, as building a convolution does
+    if not available:
+        pytest.skip(reason)
+    seen = []
+
+    def recording_epoch(session, plan):
+        epoch = Epoch(session, plan)
+
+        def body(worker):  # takes every batch (EndOfStream ends it), noting the threads a convolution gets
+            while True:
+                worker.get(epoch.batches)
+                seen.append(onednn.threads())
+
+        epoch.crew.spawn("recording", body)
+        return epoch.run()
+
+    spec = dataclasses.replace(PLAIN, name="recording", run_epoch=recording_epoch)
+    before = onednn.threads()
+    trainers.register(spec)
+    try:
+        for threads in (1, 3):
+            seen.clear()
+            train(replace(tiny_config, trainer="recording", conv_threads=threads, max_steps=2, out=None), tiny_data)
+            assert seen and set(seen) == {threads}
+            assert onednn.threads() == before  # back to the setting before the run
+    finally:
+        trainers.unregister(spec.name)

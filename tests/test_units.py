@@ -14,7 +14,7 @@ import optax
 import pytest
 from jax import lax
 
-from asyncsgd.models import cross_entropy, get_model
+from asyncsgd.models import cross_entropy, get_model, onednn
 from asyncsgd.errors import ConfigError
 from asyncsgd.models.conv import (CHOICES as conv_choices, CHUNK_BYTES, backend_for, conv2d, counting_flops,
                                   describe_choices, same_padding, using, weight_grad, weight_grad_chunk)
@@ -218,7 +218,8 @@ def test_flop_counts_see_every_chunk_of_the_weight_gradient():
     assert flops() < counted / 4  # the looped form, as XLA counts it: why the context exists
 
 
-def test_onednn_convolutions_from_several_threads_at_once_match_one_at_a_time():
+@pytest.mark.parametrize("conv_threads", [0, 1])  # all cores each (one OpenMP team per caller), one core each
+def test_onednn_convolutions_from_several_threads_at_once_match_one_at_a_time(conv_threads):
     # PD-ASGD's and Hogwild's threads run convolutions concurrently; a scratchpad shared between
     # them (oneDNN's default) gave wrong values and hung a Hogwild run. Each thread here runs the same
     # compiled forward+gradients on its own data, many times, while the others do.
@@ -228,6 +229,11 @@ def test_onednn_convolutions_from_several_threads_at_once_match_one_at_a_time():
                                           (0, 1)))
     inputs = [(jax.random.normal(jax.random.PRNGKey(i), shape_x), jax.random.normal(jax.random.PRNGKey(9), shape_w))
               for i in range(4)]
+    with onednn.threads_set(conv_threads):
+        _check_concurrent_convolutions(step, inputs)
+
+
+def _check_concurrent_convolutions(step, inputs):
     expected = [jax.device_get(step(*pair)) for pair in inputs]  # one at a time
     mismatches, errors = [], []
 
@@ -247,6 +253,48 @@ def test_onednn_convolutions_from_several_threads_at_once_match_one_at_a_time():
         thread.join(timeout=120)
     assert not any(thread.is_alive() for thread in threads), "a convolution thread hung"
     assert not errors and not mismatches, (errors, sorted(set(mismatches)))
+
+
+def test_onednn_convolutions_run_at_the_thread_count_set_and_agree_across_counts():
+    # One core per convolution (`--conv-threads 1`, Hogwild's default on 2 cores) against two: the same
+    # values to float rounding (oneDNN may split a reduction differently), the setting reported and
+    # restored, and a bad count refused.
+    with using("onednn"):
+        step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(conv2d(x, w, (2, 2), ((1, 1), (1, 1))))),
+                                          (0, 1)))
+    x, w = jax.random.normal(jax.random.PRNGKey(0), (8, 14, 14, 16)), jax.random.normal(jax.random.PRNGKey(1), (3, 3, 16, 24))
+    before = onednn.threads()
+    with onednn.threads_set(2):
+        assert onednn.threads() == 2
+        two = jax.device_get(step(x, w))
+        with onednn.threads_set(1):
+            assert onednn.threads() == 1
+            one = jax.device_get(step(x, w))
+        assert onednn.threads() == 2
+    assert onednn.threads() == before
+    chex.assert_trees_all_close(one, two, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="convolution threads must be >= 0, got -1"):
+        onednn.set_threads(-1)
+    # The count reaches OpenMP: in a fresh process, convolutions on 2 threads start OpenMP's second
+    # thread (a worker of the calling thread's team), on 1 they start none.
+    script = """
+import os, sys, jax, jax.numpy as jnp
+from asyncsgd.models import onednn
+onednn.set_threads(int(sys.argv[1]))
+x, w = jnp.ones((8, 14, 14, 16)), jnp.ones((3, 3, 16, 16))
+f = jax.jit(lambda x, w: onednn.forward(x, w, (1, 1), ((1, 1), (1, 1)))).lower(x, w).compile()
+before = len(os.listdir("/proc/self/task"))  # compiled, no convolution run yet
+for _ in range(3):
+    f(x, w).block_until_ready()
+print(onednn.threads(), len(os.listdir("/proc/self/task")) - before)
+"""
+    started = {}
+    for threads in (1, 2):
+        done = subprocess.run([sys.executable, "-c", script, str(threads)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        reported, started[threads] = map(int, done.stdout.split())
+        assert reported == threads
+    assert started[1] == 0 and started[2] >= 1, started
 
 
 def test_convolutions_fall_back_to_xla_when_onednn_cannot_be_built(tmp_path):

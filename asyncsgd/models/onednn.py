@@ -10,6 +10,7 @@ which, and `asyncsgd.models.conv` keeps XLA's convolutions.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import importlib.metadata
@@ -65,7 +66,7 @@ def _build() -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:  # another process may build beside us
         built = Path(tmp) / out.name
-        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-w", str(SOURCE), "-o", str(built),
+        cmd = [compiler, "-O2", "-std=c++17", "-shared", "-fPIC", "-fopenmp", "-w", str(SOURCE), "-o", str(built),
                "-I", jax.ffi.include_dir(), "-I", str(include), str(library), f"-Wl,-rpath,{library.parent}"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S)
         if done.returncode != 0:
@@ -97,6 +98,39 @@ def status() -> tuple[bool, str]:
         if not _state:
             _load()
     return bool(_state["available"]), str(_state["reason"])
+
+
+def set_threads(threads: int) -> None:
+    """Every later oneDNN convolution runs on `threads` OpenMP threads (0: OpenMP's default, all cores or
+    OMP_NUM_THREADS). Process-wide; takes effect from the next call, in every thread. Does nothing where
+    oneDNN is unavailable."""
+    if threads < 0:
+        raise ValueError(f"convolution threads must be >= 0, got {threads}")
+    available, _ = status()
+    if available:
+        _state["library"].AsyncsgdConvSetThreads(ctypes.c_int(int(threads)))
+
+
+@contextlib.contextmanager
+def threads_set(threads: int):
+    """`set_threads(threads)` for the block, then the setting before it again. Leaves everything alone
+    for 0, and where no oneDNN convolution has been loaded in this process (a model without
+    convolutions; `asyncsgd.models.conv` loads the library when it builds a convolution)."""
+    if not threads or not _state.get("available"):
+        yield
+        return
+    before = _state["library"].AsyncsgdConvRequestedThreads()
+    set_threads(threads)
+    try:
+        yield
+    finally:
+        set_threads(before)
+
+
+def threads() -> int:
+    """The thread count of the next oneDNN convolution (0 where oneDNN is unavailable)."""
+    available, _ = status()
+    return int(_state["library"].AsyncsgdConvThreads()) if available else 0
 
 
 def _out_size(size: int, kernel: int, stride: int, pad: tuple[int, int]) -> int:

@@ -12,14 +12,25 @@
 // forward and backward threads, Hogwild's workers), so no scratchpad is shared: every primitive is
 // made with a user-managed scratchpad, and each calling thread brings its own (oneDNN's default, a
 // library scratchpad shared between primitives, corrupted results and hung a Hogwild run here).
+//
+// Threads: oneDNN (the gomp build) runs a convolution on an OpenMP team of the calling thread's
+// `omp_get_max_threads()`, all cores by default. `AsyncsgdConvSetThreads(n)` makes every later call
+// use n threads instead (0: the default again); a trainer that runs several passes at once can then give
+// each pass one core rather than splitting every kernel over all of them. OpenMP's thread count is
+// per calling thread, so it is set on each call, and a primitive is kept per (kind, shape, threads),
+// since oneDNN divides a convolution's work by the thread count when it creates the primitive.
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <exception>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <tuple>
+
+#include <omp.h>
 
 #include "oneapi/dnnl/dnnl.hpp"
 #include "xla/ffi/api/ffi.h"
@@ -105,11 +116,24 @@ Prepared Prepare(Kind kind, const Geometry& g) {
   return p;
 }
 
-const Prepared& Cached(Kind kind, const Geometry& g) {
+// OpenMP's thread count when the library was loaded (OMP_NUM_THREADS, else the cores), and the one
+// set by AsyncsgdConvSetThreads (0: that default).
+const int kDefaultThreads = omp_get_max_threads();
+std::atomic<int> requested_threads{0};
+
+// This call's thread count, made the calling thread's OpenMP setting.
+int UseThreads() {
+  const int requested = requested_threads.load(std::memory_order_relaxed);
+  const int threads = requested > 0 ? requested : kDefaultThreads;
+  if (omp_get_max_threads() != threads) omp_set_num_threads(threads);
+  return threads;
+}
+
+const Prepared& Cached(Kind kind, const Geometry& g, int threads) {
   static std::mutex mutex;
-  static std::map<std::pair<Kind, Geometry>, std::unique_ptr<Prepared>> cache;
+  static std::map<std::tuple<Kind, Geometry, int>, std::unique_ptr<Prepared>> cache;
   std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = cache[{kind, g}];
+  auto& slot = cache[{kind, g, threads}];
   if (!slot) slot = std::make_unique<Prepared>(Prepare(kind, g));
   return *slot;  // entries are never erased: the reference stays valid after the lock is released
 }
@@ -139,7 +163,7 @@ memory ThreadBuffer(int slot, const memory::desc& desc) {
 // `outputs` the output (or its gradient), `kernel` the HWIO kernel (or its gradient).
 ffi::Error Run(Kind kind, const Geometry& g, void* activations, void* kernel, void* outputs) {
   try {
-    const Prepared& p = Cached(kind, g);
+    const Prepared& p = Cached(kind, g, UseThreads());
     thread_local dnnl::stream stream(Engine());
     const bool reorder = static_cast<bool>(p.kernel_reorder);
     memory act(Activations(g), Engine(), activations);
@@ -197,6 +221,14 @@ ffi::Error WeightGradImpl(F32 x, F32 dy, F32Out dw, int64_t sh, int64_t sw, int6
                           int64_t pw2) {
   Geometry g = Shapes(x.dimensions(), dw->dimensions(), dy.dimensions(), sh, sw, ph, pw, ph2, pw2);
   return Run(Kind::kWeightGrad, g, x.untyped_data(), dw->untyped_data(), dy.untyped_data());
+}
+
+// The thread count of every later convolution (0: OpenMP's default); the one in use.
+extern "C" void AsyncsgdConvSetThreads(int threads) { requested_threads.store(threads > 0 ? threads : 0); }
+extern "C" int AsyncsgdConvRequestedThreads() { return requested_threads.load(); }
+extern "C" int AsyncsgdConvThreads() {
+  const int requested = requested_threads.load();
+  return requested > 0 ? requested : kDefaultThreads;
 }
 
 #define ASYNCSGD_CONV_ATTRS                                                                        \

@@ -91,13 +91,23 @@ def default_warmup_steps(config) -> int:
     return WARMUP_PER_DEVICE * config.devices if stale and config.devices > 1 else 0
 
 
+def conv_threads(config) -> int:
+    """The OpenMP threads of each oneDNN convolution while `config`'s epochs run: `--conv-threads`, else
+    the trainer's rule (`TrainerSpec.conv_threads`; 0: all cores)."""
+    return config.conv_threads if config.conv_threads is not None else get(config.trainer).conv_threads(config)
+
+
 def resolve_defaults(config):
-    """`config` with the settings left to the trainer filled in (`warmup_steps`); unchanged otherwise."""
+    """`config` with the settings left to the trainer filled in (`warmup_steps`, `conv_threads`);
+    unchanged otherwise."""
+    filled = {}
     if config.warmup_steps is None:
-        return dataclasses.replace(config, warmup_steps=default_warmup_steps(config))
-    return config
+        filled["warmup_steps"] = default_warmup_steps(config)
+    if config.conv_threads is None:
+        filled["conv_threads"] = conv_threads(config)
+    return dataclasses.replace(config, **filled) if filled else config
 
 
 __all__ = ["Epoch", "EpochPlan", "EpochResult", "Prepared", "Session", "TRAINERS", "TrainerSpec", "check",
-           "default_comparison", "default_warmup_steps", "fixed_units", "get", "multi_device_names", "names",
+           "conv_threads", "default_comparison", "default_warmup_steps", "fixed_units", "get", "multi_device_names", "names",
            "register", "resolve_defaults", "unregister"]

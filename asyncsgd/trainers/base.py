@@ -13,6 +13,7 @@ returns what it did; it never writes into the session.
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Any, Callable, Optional
 
 UnitGroups = tuple[tuple[str, ...], tuple[str, ...]]
@@ -90,6 +91,25 @@ def _no_staleness(config: Any) -> Optional[int]:
     return 0
 
 
+def _all_cores(config: Any) -> int:
+    return 0
+
+
+def cores_per_pass(config: Any) -> int:
+    """A `conv_threads` rule for a trainer whose workers each run whole passes at once (Hogwild!,
+    LAP-SGD, LPP-SGD): the cores shared out among its `workers x devices` concurrent passes, at least
+    one each; 0 (all cores) where one pass gets them all anyway.
+
+    Measured on 2 cores, CNN (docs/measurements.md, "One core per convolution"): 4-10% more samples/s
+    for Hogwild!, LAP-SGD and LPP-SGD with one core per convolution; PD-ASGD, whose concurrent passes
+    run stage by stage, gains nothing from it and keeps all cores.
+    """
+    cores = os.cpu_count() or 1
+    passes = max(1, config.workers) * max(1, config.devices)
+    threads = max(1, cores // passes)
+    return 0 if threads >= cores else threads
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainerSpec:
     """Everything the program needs to know about one trainer.
@@ -114,6 +134,8 @@ class TrainerSpec:
       summary: `(session) -> dict`, fields it adds to summary.json (the Ray backend: its workers).
       finish: `(session) -> None`, once at the end of the run whatever happened (stops what `prepare`
         started outside this process).
+      conv_threads: `(config) -> int`, the OpenMP threads of each oneDNN convolution while its epochs run
+        when `--conv-threads` is not given (0: all cores; `cores_per_pass`).
       copies: each device trains its own copy of the model (averaged now and then: LAP-SGD) rather
         than reading and updating the one store; a Ray worker then keeps its copy and averages it
         through the stage servers instead of pulling from and pushing to them.
@@ -130,6 +152,7 @@ class TrainerSpec:
     check: Callable[[Any], None] = _no_checks
     prepare: Callable[[Any], Prepared] = _nothing_to_prepare
     staleness_bound: Callable[[Any], Optional[int]] = _no_staleness
+    conv_threads: Callable[[Any], int] = _all_cores
     backends: tuple[str, ...] = ("local",)
     summary: Callable[[Any], dict] = lambda session: {}
     finish: Callable[[Any], None] = lambda session: None

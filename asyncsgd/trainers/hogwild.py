@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from asyncsgd.trainers.base import EpochPlan, EpochResult, TrainerSpec, fixed_units
+from asyncsgd.trainers.base import EpochPlan, EpochResult, TrainerSpec, cores_per_pass, fixed_units
 from asyncsgd.trainers.session import Epoch, Session
 from asyncsgd.units import has_state
 from asyncsgd.workers import Tickets
@@ -90,4 +90,5 @@ SPEC = TrainerSpec(
     units=fixed_units("model_grad"),
     backends=("local", "ray"),
     staleness_bound=staleness_bound,
+    conv_threads=cores_per_pass,
 )

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from asyncsgd.data import steps_per_epoch
 from asyncsgd.staleness import predicted_params, with_prediction
 from asyncsgd.store import ParamStore
-from asyncsgd.trainers.base import EpochPlan, EpochResult, Prepared, TrainerSpec, fixed_units
+from asyncsgd.trainers.base import EpochPlan, EpochResult, Prepared, TrainerSpec, cores_per_pass, fixed_units
 from asyncsgd.trainers.hogwild import window_size
 from asyncsgd.trainers.session import Epoch, Session
 from asyncsgd.units import has_state, tree_nbytes
@@ -275,6 +275,7 @@ SPEC = TrainerSpec(
     units=fixed_units("model_grad", "update"),
     prepare=lambda session: _prepare(session, partial=False),
     staleness_bound=staleness_bound,
+    conv_threads=cores_per_pass,  # each worker runs whole passes on its device's copy
     backends=("local", "ray"),  # a copy per worker actor, averaged through the stage servers (asyncsgd/cluster/)
     copies=True,
 )

@@ -10,6 +10,7 @@ from asyncsgd.clock import WALL, Clock
 from asyncsgd.data.dataset import Dataset, prefetch_worker
 from asyncsgd.delays import DelaySpec, DeviceDelay
 from asyncsgd.metrics import Recorder
+from asyncsgd.models import onednn
 from asyncsgd.models.staged import StagedModel
 from asyncsgd.staleness import PREDICTS, needs_read_params, parse_corrections
 from asyncsgd.store import ParamStore
@@ -45,6 +46,7 @@ class Session:
     kit: Any = None
     replicas: tuple = ()
     model_view: Optional[Callable[[], tuple[list, list]]] = None
+    conv_threads: int = 0  # each oneDNN convolution's threads while an epoch runs (`trainers.conv_threads`)
 
     def __post_init__(self) -> None:
         if not self.views and self.devices:
@@ -130,7 +132,8 @@ class Epoch:
         recorder = self.session.recorder
         before = recorder.finished
         try:
-            self.crew.run(tick=lambda: recorder.tick(self.crew.queue_depth()), wake=recorder.progress)
+            with onednn.threads_set(self.session.conv_threads):
+                self.crew.run(tick=lambda: recorder.tick(self.crew.queue_depth()), wake=recorder.progress)
         except BaseException as exc:  # an interrupted or failed epoch still reports what it did
             exc.epoch_result = self.result(recorder.finished - before, averaging_rounds())
             raise
