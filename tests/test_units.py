@@ -272,6 +272,10 @@ def test_onednn_convolutions_run_at_the_thread_count_set_and_agree_across_counts
             one = jax.device_get(step(x, w))
         assert onednn.threads() == 2
     assert onednn.threads() == before
+    with onednn.threads_set(1):
+        with onednn.threads_set(0):  # 0 is OpenMP's default again, whatever was set around it
+            assert onednn.threads() == before
+        assert onednn.threads() == 1
     chex.assert_trees_all_close(one, two, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="convolution threads must be >= 0, got -1"):
         onednn.set_threads(-1)

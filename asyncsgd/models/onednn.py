@@ -114,12 +114,15 @@ def set_threads(threads: int) -> None:
 @contextlib.contextmanager
 def threads_set(threads: int):
     """`set_threads(threads)` for the block, then the setting before it again. Leaves everything alone
-    for 0, and where no oneDNN convolution has been loaded in this process (a model without
-    convolutions; `asyncsgd.models.conv` loads the library when it builds a convolution)."""
-    if not threads or not _state.get("available"):
+    where no oneDNN convolution has been loaded in this process (a model without convolutions:
+    `asyncsgd.models.conv` loads the library when it builds one), so it never builds the library."""
+    if not _state.get("available"):
         yield
         return
     before = _state["library"].AsyncsgdConvRequestedThreads()
+    if before == threads:
+        yield
+        return
     set_threads(threads)
     try:
         yield
